@@ -1,0 +1,153 @@
+"""The generic MobileNet backbone and classifier: `build(spec)` turns any `ArchSpec` into a module.
+
+Feature taps are named openly so heads can ask for them:
+  "stem", "block{i}" (1-based, as in the paper's tables), "block{i}.expansion" (the output of the
+  block's 1x1 expansion, where SSDLite attaches), "last_conv", and "stride{2,4,8,16,32}" (the last
+  output at that stride).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mnv3.arch import ArchSpec
+from mnv3.nn.layers import ConvBNAct, InvertedResidual, activation
+
+
+@dataclass(frozen=True)
+class FeatureTap:
+    name: str
+    channels: int
+    stride: int
+
+
+class MobileNet(nn.Module):
+    """stem -> blocks -> last 1x1 conv -> pool -> pre-logits -> dropout -> classifier."""
+
+    def __init__(self, spec: ArchSpec, num_classes: int = 1000) -> None:
+        super().__init__()
+        spec.validate()
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes: expected an integer >= 0, got {num_classes!r}")
+        self.spec = spec
+        self.fused = False
+        same = spec.padding == "same"
+        norm = {"eps": spec.bn_eps, "momentum": spec.bn_momentum}
+        self.stem = ConvBNAct(spec.in_channels, spec.stem.out, spec.stem.kernel, spec.stem.stride,
+                              act=spec.stem.activation, same=same, **norm)
+        self.blocks = nn.Sequential(*[
+            InvertedResidual(cin, block, same=same, se_gate=spec.se_gate, **norm)
+            for cin, block in zip(spec.block_inputs(), spec.blocks)])
+        head = spec.head
+        self.last_conv = ConvBNAct(spec.blocks[-1].out, head.last_conv, 1, act=head.activation, **norm)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        if head.pre_logits is not None:
+            self.pre_logits: nn.Module = nn.Linear(head.last_conv, head.pre_logits)
+            self.pre_act = activation(head.activation)
+        else:
+            self.pre_logits, self.pre_act = nn.Identity(), nn.Identity()
+        self.dropout = nn.Dropout(head.dropout)
+        self.num_features = spec.feature_channels()
+        self.num_classes = num_classes
+        self.classifier: nn.Module = (nn.Linear(self.num_features, num_classes)
+                                      if num_classes else nn.Identity())
+        self._taps = self._describe_taps()
+        self._init_weights()
+
+    # -- forward ---------------------------------------------------------------------------------
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Unpooled output of the last 1x1 conv, (N, last_conv, H/32, W/32)."""
+        return self.last_conv(self.blocks(self.stem(x)))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.pre_act(self.pre_logits(torch.flatten(self.pool(x), 1)))
+        return x if pre_logits else self.classifier(self.dropout(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the classifier with a fresh one for `num_classes` (0 removes it)."""
+        self.num_classes = num_classes
+        self.classifier = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+        if num_classes:
+            nn.init.normal_(self.classifier.weight, 0, 0.01)
+            nn.init.zeros_(self.classifier.bias)
+
+    # -- feature taps ----------------------------------------------------------------------------
+    def _describe_taps(self) -> dict[str, FeatureTap]:
+        spec, taps = self.spec, {}
+        stride = spec.stem.stride
+        taps["stem"] = FeatureTap("stem", spec.stem.out, stride)
+        for i, (block, module) in enumerate(zip(spec.blocks, self.blocks), start=1):
+            if module.has_expand:
+                taps[f"block{i}.expansion"] = FeatureTap(f"block{i}.expansion", block.expansion, stride)
+            stride *= block.stride
+            taps[f"block{i}"] = FeatureTap(f"block{i}", block.out, stride)
+        taps["last_conv"] = FeatureTap("last_conv", spec.head.last_conv, stride)
+        # strideN: the last block output (or the stem) at that stride.
+        by_stride: dict[int, FeatureTap] = {}
+        for tap in taps.values():
+            if tap.name != "last_conv" and not tap.name.endswith(".expansion"):
+                by_stride[tap.stride] = tap
+        for s, tap in sorted(by_stride.items()):
+            taps[f"stride{s}"] = FeatureTap(f"stride{s}", tap.channels, s)
+        self._stride_alias = {f"stride{s}": tap.name for s, tap in by_stride.items()}
+        return taps
+
+    def feature_taps(self) -> dict[str, FeatureTap]:
+        """Every tap name with its channels and stride."""
+        return dict(self._taps)
+
+    def forward_taps(self, x: torch.Tensor, names: list[str] | tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """Run the backbone and return the requested taps by name (stopping after the last one)."""
+        unknown = [n for n in names if n not in self._taps]
+        if unknown:
+            raise KeyError(f"unknown feature tap(s) {unknown}; available: {list(self._taps)}")
+        wanted = {self._stride_alias.get(n, n) for n in names}
+        found: dict[str, torch.Tensor] = {}
+        x = self.stem(x)
+        found["stem"] = x
+        for i, module in enumerate(self.blocks, start=1):
+            if wanted.issubset(found):
+                break
+            if f"block{i}.expansion" in wanted:
+                e, x = module.forward_expansion(x)
+                found[f"block{i}.expansion"] = e
+            else:
+                x = module(x)
+            found[f"block{i}"] = x
+        if "last_conv" in wanted:
+            found["last_conv"] = self.last_conv(x)
+        return {n: found[self._stride_alias.get(n, n)] for n in names}
+
+    # -- inference -------------------------------------------------------------------------------
+    def fuse(self) -> "MobileNet":
+        """Fold every batch norm into its convolution for inference (puts the model in eval mode)."""
+        self.eval()
+        for module in self.modules():
+            if isinstance(module, ConvBNAct):
+                module.fuse()
+        self.fused = True
+        return self
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+
+def build(spec: ArchSpec, num_classes: int = 1000) -> MobileNet:
+    """The module for `spec` with a `num_classes` classifier (0: features only)."""
+    return MobileNet(spec, num_classes)

@@ -1,0 +1,7 @@
+"""Model files (spec + weights + metadata in one safetensors file) and weight importers."""
+
+from mnv3.weights.model_file import ModelMeta, Preprocess, WeightsError, model_meta, save
+from mnv3.weights.sources import NAMED_WEIGHTS, download, load
+
+__all__ = ["ModelMeta", "Preprocess", "WeightsError", "model_meta", "save", "load", "download",
+           "NAMED_WEIGHTS"]

@@ -1,0 +1,173 @@
+"""The mnv3 model file: one safetensors file with the spec, the weights and what a user needs to run
+the model (class ids and names, preprocessing). Loading it needs nothing else, and never unpickles."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import safe_open, save_file
+
+from mnv3.arch import ArchSpec
+from mnv3.files import atomic_write
+from mnv3.nn import MobileNet, build
+
+MODEL_FORMAT = "mnv3.model/1"
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+
+
+class WeightsError(ValueError):
+    """A weights file or source cannot be used; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How images must be prepared: resize the shorter side to `resize`, center-crop `resolution`,
+    scale pixels to [0, 1], subtract `mean` and divide by `std` (per RGB channel)."""
+
+    resolution: int = 224
+    resize: int = 256
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    interpolation: str = "bilinear"
+
+    @classmethod
+    def for_resolution(cls, resolution: int, **kw: Any) -> "Preprocess":
+        return cls(resolution=resolution, resize=round(resolution / 0.875), **kw)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Preprocess":
+        data = dict(data)
+        data["mean"], data["std"] = tuple(data["mean"]), tuple(data["std"])
+        pre = cls(**data)
+        if pre.interpolation not in INTERPOLATIONS:
+            raise WeightsError(f"preprocess.interpolation: expected one of {INTERPOLATIONS}, "
+                               f"got {pre.interpolation!r}")
+        return pre
+
+    def value_range(self) -> tuple[float, float]:
+        """The input range the network sees for pixel values 0 and 255 (first channel)."""
+        return (0 - self.mean[0]) / self.std[0], (1 - self.mean[0]) / self.std[0]
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """What travels with the weights: class ids (for ImageNet, WordNet ids), readable names,
+    preprocessing and where the weights came from."""
+
+    classes: tuple[str, ...] | None = None
+    class_names: tuple[str, ...] | None = None
+    preprocess: Preprocess = field(default_factory=Preprocess)
+    source: str | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelMeta":
+        data = json.loads(text)
+        classes = tuple(data["classes"]) if data.get("classes") is not None else None
+        names = tuple(data["class_names"]) if data.get("class_names") is not None else None
+        return cls(classes=classes, class_names=names,
+                   preprocess=Preprocess.from_dict(data["preprocess"]), source=data.get("source"))
+
+    def label(self, index: int) -> str:
+        """A readable label for output `index`: "name (id)" when both are known."""
+        cid = self.classes[index] if self.classes else str(index)
+        name = self.class_names[index] if self.class_names else None
+        return f"{name} ({cid})" if name and name != cid else cid
+
+
+def model_meta(model: MobileNet) -> ModelMeta:
+    """The model's metadata; a model built from a bare spec gets default preprocessing."""
+    meta = getattr(model, "meta", None)
+    return meta if isinstance(meta, ModelMeta) else ModelMeta(
+        preprocess=Preprocess.for_resolution(model.spec.resolution))
+
+
+def set_meta(model: MobileNet, meta: ModelMeta) -> MobileNet:
+    n = model.num_classes
+    for what in ("classes", "class_names"):
+        values = getattr(meta, what)
+        if values is not None and len(values) != n:
+            raise WeightsError(f"{what}: {len(values)} given for a model with {n} outputs")
+    model.meta = meta
+    return model
+
+
+def save(model: MobileNet, path: str | Path, meta: ModelMeta | None = None) -> Path:
+    """Write `model` (spec, weights, metadata) to one safetensors file, atomically."""
+    if not isinstance(model, MobileNet):
+        raise WeightsError(f"save: expected an mnv3 model (from mnv3.build or mnv3.load), "
+                           f"got {type(model).__name__}")
+    meta = meta or model_meta(model)
+    set_meta(model, meta)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    header = {
+        "format": MODEL_FORMAT,
+        "spec": model.spec.to_json(indent=None),
+        "num_classes": str(model.num_classes),
+        "fused": "1" if model.fused else "0",
+        "meta": meta.to_json(),
+    }
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the header metadata of a safetensors file, with a clear error if it is not one."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise WeightsError(f"{path}: not a readable safetensors file ({exc})") from None
+    return tensors, header
+
+
+def is_model_header(header: dict[str, str]) -> bool:
+    return header.get("format") == MODEL_FORMAT
+
+
+def load_model_file(path: Path, tensors: dict[str, torch.Tensor], header: dict[str, str],
+                    arch: ArchSpec | None = None) -> MobileNet:
+    """Rebuild a model from an mnv3 model file; with `arch`, load its weights into that spec instead."""
+    try:
+        spec = ArchSpec.from_json(header["spec"])
+        num_classes = int(header["num_classes"])
+        meta = ModelMeta.from_json(header["meta"])
+    except (KeyError, ValueError, TypeError) as exc:
+        raise WeightsError(f"{path}: damaged mnv3 model header ({exc}); re-save the model") from None
+    if arch is not None and arch != spec:
+        spec = arch
+    model = build(spec, num_classes)
+    if header.get("fused") == "1":
+        model.fuse()
+    load_weights(model, tensors, source=str(path))
+    set_meta(model, meta)
+    return model.eval()
+
+
+def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Load a state dict that must match `model` exactly; the error lists every mismatched tensor."""
+    ours = model.state_dict()
+    missing = [k for k in ours if k not in tensors]
+    unexpected = [k for k in tensors if k not in ours]
+    shapes = [f"{k}: file {list(tensors[k].shape)} vs model {list(ours[k].shape)}"
+              for k in ours if k in tensors and tensors[k].shape != ours[k].shape]
+    if missing or unexpected or shapes:
+        lines = [f"{source}: the weights do not fit this network "
+                 f"({getattr(model, 'spec', None) and model.spec.name})."]
+        for title, items in (("shape mismatch", shapes), ("missing from the file", missing),
+                             ("not in the network", unexpected)):
+            if items:
+                shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
+                lines.append(f"  {title} ({len(items)}):")
+                lines.extend(f"    {item}" for item in shown)
+        lines.append("  Load the file without --arch (it carries its own spec), or pass the --arch "
+                     "it was saved with.")
+        raise WeightsError("\n".join(lines))
+    model.load_state_dict({k: tensors[k].to(ours[k].dtype) for k in ours})
