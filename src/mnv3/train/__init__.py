@@ -1,0 +1,1 @@
+"""Training and evaluation engine (classification now; segmentation and detection plug in later)."""
