@@ -1,0 +1,48 @@
+"""Shared by the bench scripts: where the shared data is, interleaved timing, CSV output."""
+
+from __future__ import annotations
+
+import csv
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], rounds: int = 15, iters: int = 20,
+                     warmup: int = 10) -> dict[str, dict[str, float]]:
+    """Median / p10 / p90 milliseconds per call of each fn. Rounds alternate between the fns so that
+    machine noise (other processes, frequency changes) hits all of them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            samples[name].append((time.perf_counter() - start) / iters * 1e3)
+    out = {}
+    for name, values in samples.items():
+        q = statistics.quantiles(values, n=10)
+        out[name] = {"median_ms": statistics.median(values), "p10_ms": q[0], "p90_ms": q[-1]}
+    return out
+
+
+def write_csv(name: str, rows: list[dict]) -> Path:
+    from mnv3.files import atomic_write
+
+    path = RESULTS / name
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+    return atomic_write(path, write)

@@ -1,0 +1,64 @@
+"""Eager PyTorch speed of our MobileNetV3-Large/Small against torchvision's and timm's implementations
+of the same networks: single thread, batch 1, 224x224, inference mode, measured in one interleaved
+run. Prints ours/peer ratios (goal <= 1.03) and fused/unfused (goal < 1).
+
+    python bench/eager_vs_peers.py [--rounds 15] [--iters 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+
+import timm
+import torch
+import torchvision
+
+import mnv3
+from common import time_interleaved, write_csv
+
+PAIRS = {
+    "large": ("mobilenet_v3_large", torchvision.models.mobilenet_v3_large, "mobilenetv3_large_100"),
+    "small": ("mobilenet_v3_small", torchvision.models.mobilenet_v3_small, "mobilenetv3_small_100"),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--resolution", type=int, default=224)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, args.resolution, args.resolution)
+    print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}, "
+          f"{platform.processor() or platform.machine()}, 1 thread, batch 1, {args.resolution}x{args.resolution}")
+    rows = []
+    for size, (preset, tv_fn, timm_name) in PAIRS.items():
+        ours = mnv3.build(mnv3.preset(preset)).eval()
+        fused = mnv3.build(mnv3.preset(preset)).eval().fuse()
+        models = {"mnv3": ours, "mnv3 fused": fused, "torchvision": tv_fn().eval(),
+                  "timm": timm.create_model(timm_name).eval()}
+        fns = {}
+        for name, model in models.items():
+            def run(model=model):
+                with torch.inference_mode():
+                    return model(x)
+            fns[name] = run
+        timings = time_interleaved(fns, rounds=args.rounds, iters=args.iters)
+        base = timings["mnv3"]["median_ms"]
+        print(f"\nMobileNetV3-{size.capitalize()}")
+        for name, t in timings.items():
+            print(f"  {name:<12} median {t['median_ms']:7.2f} ms  (p10 {t['p10_ms']:.2f}, p90 {t['p90_ms']:.2f})")
+            rows.append({"network": size, "impl": name, **{k: round(v, 3) for k, v in t.items()}})
+        tv, tm, fu = (timings[k]["median_ms"] for k in ("torchvision", "timm", "mnv3 fused"))
+        print(f"  ratio mnv3/torchvision {base / tv:.3f}   mnv3/timm {base / tm:.3f}   (goal <= 1.03)")
+        print(f"  ratio fused/unfused   {fu / base:.3f}   (goal < 1)")
+        for r in rows[-4:]:
+            r.update({"ratio_vs_torchvision": round(r["median_ms"] / tv, 3)})
+    print(f"\nwritten {write_csv('eager_vs_peers.csv', rows)}")
+
+
+if __name__ == "__main__":
+    main()
