@@ -13,9 +13,9 @@ import platform
 import timm
 import torch
 import torchvision
+from common import time_interleaved, write_csv
 
 import mnv3
-from common import time_interleaved, write_csv
 
 PAIRS = {
     "large": ("mobilenet_v3_large", torchvision.models.mobilenet_v3_large, "mobilenetv3_large_100"),

@@ -13,10 +13,10 @@ import sys
 
 import numpy as np
 import torch
+from common import SHARED, write_csv
 from tqdm import tqdm
 
 import mnv3
-from common import SHARED, write_csv
 from mnv3.data import ImageFolderSet, load_image, preprocess_pixels, to_input
 
 

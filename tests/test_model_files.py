@@ -191,8 +191,11 @@ def test_load_into_a_different_spec_lists_the_tensors(large_file):
     assert "mobilenet_v3_small" in message
     assert "shape mismatch" in message
     assert "not in the network" in message
-    assert "blocks.14." in message              # Large has 15 blocks, Small 11
-    assert "blocks.1.expand.conv.weight" in message   # 64 vs 72 expansion channels
+    assert "missing from the file" in message
+    assert "blocks.1.expand.conv.weight: file [64, 16, 1, 1] vs model [72, 16, 1, 1]" in message
+    assert "blocks.0.se.reduce.weight" in message      # Small's first block has SE, Large's not
+    assert "blocks.11." in message                     # Large has 15 blocks, Small 11
+    assert "more" in message                           # long lists are cut, with a count
 
 
 def test_load_with_its_own_arch_is_fine(large_file):

@@ -8,6 +8,23 @@ from mnv3.weights import ModelMeta, Preprocess, WeightsError, load, save
 
 __version__ = "0.1.0"
 
-__all__ = ["ArchSpec", "BlockSpec", "HeadSpec", "StemSpec", "SpecError", "reduced_tail",
-           "with_output_stride", "count", "MobileNet", "build", "PRESETS", "preset", "resolve_arch",
-           "ModelMeta", "Preprocess", "WeightsError", "load", "save"]
+__all__ = [
+           "PRESETS",
+           "ArchSpec",
+           "BlockSpec",
+           "HeadSpec",
+           "MobileNet",
+           "ModelMeta",
+           "Preprocess",
+           "SpecError",
+           "StemSpec",
+           "WeightsError",
+           "build",
+           "count",
+           "load",
+           "preset",
+           "reduced_tail",
+           "resolve_arch",
+           "save",
+           "with_output_stride",
+]

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -106,14 +105,14 @@ class ArchSpec:
     def feature_channels(self) -> int:
         return self.head.pre_logits or self.head.last_conv
 
-    def replace(self, **changes: Any) -> "ArchSpec":
+    def replace(self, **changes: Any) -> ArchSpec:
         """A copy with some fields changed, validated."""
         spec = dataclasses.replace(self, **changes)
         spec.validate()
         return spec
 
     # -- validation ----------------------------------------------------------------------------
-    def validate(self) -> "ArchSpec":
+    def validate(self) -> ArchSpec:
         """Raise SpecError naming the first bad field; return self when the spec is sound."""
         _check_text(self.name, "name")
         if self.padding not in PADDINGS:
@@ -171,7 +170,7 @@ class ArchSpec:
         return json.dumps(self.to_dict(), indent=indent)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ArchSpec":
+    def from_dict(cls, data: dict[str, Any]) -> ArchSpec:
         if not isinstance(data, dict):
             raise SpecError(f"spec: expected a JSON object, got {type(data).__name__}")
         data = dict(data)
@@ -191,7 +190,7 @@ class ArchSpec:
         return spec.validate()
 
     @classmethod
-    def from_json(cls, text: str) -> "ArchSpec":
+    def from_json(cls, text: str) -> ArchSpec:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -204,7 +203,7 @@ class ArchSpec:
         return atomic_write_text(path, self.to_json() + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "ArchSpec":
+    def load(cls, path: str | Path) -> ArchSpec:
         path = Path(path)
         if not path.is_file():
             raise SpecError(f"{path}: no such spec file")

@@ -8,8 +8,9 @@ input, and the 1280/1024 pre-logits layer is only scaled up, never down.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 from mnv3.arch import ArchSpec, BlockSpec, HeadSpec, SpecError, StemSpec, make_divisible
 
@@ -235,10 +236,30 @@ def resolve_arch(arch: str | ArchSpec, width: float | None = None,
     return spec
 
 
+COMMON_WIDTHS = (1.0, 0.75, 0.5, 0.35, 1.25)
+
+
+def candidates(resolution: int = 224) -> Iterator[ArchSpec]:
+    """Every preset at the common widths: what an unnamed set of weights is matched against."""
+    for make in PRESETS.values():
+        for width in COMMON_WIDTHS:
+            yield make(width, resolution)
+
+
 def list_presets() -> list[str]:
     return sorted(PRESETS)
 
 
-__all__ = ["PRESETS", "PEER_ARCHS", "preset", "resolve_arch", "list_presets",
-           "mobilenet_v3_large", "mobilenet_v3_small", "mobilenet_v3_large_minimal",
-           "mobilenet_v3_small_minimal", "mobilenet_v2", "mnasnet_a1"]
+__all__ = [
+    "PEER_ARCHS",
+    "PRESETS",
+    "list_presets",
+    "mnasnet_a1",
+    "mobilenet_v2",
+    "mobilenet_v3_large",
+    "mobilenet_v3_large_minimal",
+    "mobilenet_v3_small",
+    "mobilenet_v3_small_minimal",
+    "preset",
+    "resolve_arch",
+]

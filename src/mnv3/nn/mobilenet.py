@@ -8,6 +8,7 @@ Feature taps are named openly so heads can ask for them:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -55,7 +56,8 @@ class MobileNet(nn.Module):
         self.classifier: nn.Module = (nn.Linear(self.num_features, num_classes)
                                       if num_classes else nn.Identity())
         self._taps = self._describe_taps()
-        self._init_weights()
+        if self.stem.conv.weight.device.type != "meta":   # shape-only builds skip the random init
+            self._init_weights()
 
     # -- forward ---------------------------------------------------------------------------------
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -70,8 +72,11 @@ class MobileNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
     def reset_classifier(self, num_classes: int) -> None:
-        """Replace the classifier with a fresh one for `num_classes` (0 removes it)."""
+        """Replace the classifier with a fresh one for `num_classes` (0 removes it). Class ids and
+        names attached to the model (`model.meta`) no longer apply and are cleared."""
         self.num_classes = num_classes
+        if getattr(self, "meta", None) is not None:
+            self.meta = dataclasses.replace(self.meta, classes=None, class_names=None)
         self.classifier = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
         if num_classes:
             nn.init.normal_(self.classifier.weight, 0, 0.01)
@@ -125,7 +130,7 @@ class MobileNet(nn.Module):
         return {n: found[self._stride_alias.get(n, n)] for n in names}
 
     # -- inference -------------------------------------------------------------------------------
-    def fuse(self) -> "MobileNet":
+    def fuse(self) -> MobileNet:
         """Fold every batch norm into its convolution for inference (puts the model in eval mode)."""
         self.eval()
         for module in self.modules():

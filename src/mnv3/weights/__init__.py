@@ -3,5 +3,13 @@
 from mnv3.weights.model_file import ModelMeta, Preprocess, WeightsError, model_meta, save
 from mnv3.weights.sources import NAMED_WEIGHTS, download, load
 
-__all__ = ["ModelMeta", "Preprocess", "WeightsError", "model_meta", "save", "load", "download",
-           "NAMED_WEIGHTS"]
+__all__ = [
+           "NAMED_WEIGHTS",
+           "ModelMeta",
+           "Preprocess",
+           "WeightsError",
+           "download",
+           "load",
+           "model_meta",
+           "save",
+]

@@ -36,11 +36,11 @@ class Preprocess:
     interpolation: str = "bilinear"
 
     @classmethod
-    def for_resolution(cls, resolution: int, **kw: Any) -> "Preprocess":
+    def for_resolution(cls, resolution: int, **kw: Any) -> Preprocess:
         return cls(resolution=resolution, resize=round(resolution / 0.875), **kw)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Preprocess":
+    def from_dict(cls, data: dict[str, Any]) -> Preprocess:
         data = dict(data)
         data["mean"], data["std"] = tuple(data["mean"]), tuple(data["std"])
         pre = cls(**data)
@@ -48,10 +48,6 @@ class Preprocess:
             raise WeightsError(f"preprocess.interpolation: expected one of {INTERPOLATIONS}, "
                                f"got {pre.interpolation!r}")
         return pre
-
-    def value_range(self) -> tuple[float, float]:
-        """The input range the network sees for pixel values 0 and 255 (first channel)."""
-        return (0 - self.mean[0]) / self.std[0], (1 - self.mean[0]) / self.std[0]
 
 
 @dataclass(frozen=True)
@@ -68,7 +64,7 @@ class ModelMeta:
         return json.dumps(asdict(self))
 
     @classmethod
-    def from_json(cls, text: str) -> "ModelMeta":
+    def from_json(cls, text: str) -> ModelMeta:
         data = json.loads(text)
         classes = tuple(data["classes"]) if data.get("classes") is not None else None
         names = tuple(data["class_names"]) if data.get("class_names") is not None else None
@@ -122,7 +118,7 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f}
     except (SafetensorError, OSError, ValueError) as exc:
         raise WeightsError(f"{path}: not a readable safetensors file ({exc})") from None
     return tensors, header
@@ -159,8 +155,8 @@ def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], sourc
     shapes = [f"{k}: file {list(tensors[k].shape)} vs model {list(ours[k].shape)}"
               for k in ours if k in tensors and tensors[k].shape != ours[k].shape]
     if missing or unexpected or shapes:
-        lines = [f"{source}: the weights do not fit this network "
-                 f"({getattr(model, 'spec', None) and model.spec.name})."]
+        lines = [(f"{source}: the weights do not fit this network "
+                 f"({getattr(model, 'spec', None) and model.spec.name}).")]
         for title, items in (("shape mismatch", shapes), ("missing from the file", missing),
                              ("not in the network", unexpected)):
             if items:

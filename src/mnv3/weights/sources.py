@@ -23,16 +23,23 @@ from mnv3.arch import ArchSpec
 from mnv3.files import atomic_write
 from mnv3.imagenet import imagenet_classes
 from mnv3.nn import MobileNet, build
-from mnv3.presets import PRESETS, resolve_arch
-from mnv3.weights.model_file import (ModelMeta, Preprocess, WeightsError, is_model_header,
-                                     load_model_file, load_weights, read_safetensors, set_meta)
+from mnv3.presets import COMMON_WIDTHS, PRESETS, candidates, resolve_arch
+from mnv3.weights.model_file import (
+    ModelMeta,
+    Preprocess,
+    WeightsError,
+    is_model_header,
+    load_model_file,
+    load_weights,
+    read_safetensors,
+    set_meta,
+)
 from mnv3.weights.state_dicts import detect_format, map_state_dict, matches, num_classes_of
 from mnv3.weights.tflite_import import load_tflite
 
 _HUB_HASH = re.compile(r"-([a-f0-9]{8,64})\.[A-Za-z0-9]+$")
 _TORCHVISION_BASE = "https://download.pytorch.org/models/"
 _STATE_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
-_WIDTHS = (1.0, 0.75, 0.5, 0.35, 1.25)
 
 # Named pretrained sets: (library, preset) -> {name: (file, resize used for evaluation)}.
 NAMED_WEIGHTS: dict[tuple[str, str], dict[str, tuple[str, int]]] = {
@@ -125,7 +132,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A state dict from a .pth/.pt/.bin file, unpickling only tensors and plain containers."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:   # torch raises many types for a bad file (UnpicklingError, RuntimeError, ...)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file (UnpicklingError, RuntimeError, ...)
         raise WeightsError(f"{path}: not a readable PyTorch weights file ({type(exc).__name__}: "
                            f"{str(exc).splitlines()[0][:200]}). Only plain state dicts are accepted; "
                            "pickled models are never loaded") from None
@@ -140,12 +147,10 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _recognise(state: dict[str, torch.Tensor], num_classes: int, fmt: str) -> ArchSpec:
-    for make in PRESETS.values():
-        for width in _WIDTHS:
-            spec = make(width)
-            if matches(state, spec, num_classes):
-                return spec
-    raise WeightsError(f"these {fmt} weights match no preset at widths {_WIDTHS}; pass --arch")
+    for spec in candidates():
+        if matches(state, spec, num_classes):
+            return spec
+    raise WeightsError(f"these {fmt} weights match no preset at widths {COMMON_WIDTHS}; pass --arch")
 
 
 def import_state_dict(state: dict[str, torch.Tensor], arch: ArchSpec | None, source: str,

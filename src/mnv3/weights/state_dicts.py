@@ -37,7 +37,7 @@ def _ordered(state: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
 def _compatible(theirs: torch.Tensor, ours: torch.Tensor) -> bool:
     if theirs.shape == ours.shape:
         return True
-    squeeze = lambda t: tuple(d for i, d in enumerate(t.shape) if not (i >= 2 and d == 1))  # noqa: E731
+    squeeze = lambda t: tuple(d for i, d in enumerate(t.shape) if not (i >= 2 and d == 1))
     return squeeze(theirs) == squeeze(ours)
 
 

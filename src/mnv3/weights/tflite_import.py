@@ -20,10 +20,10 @@ from mnv3.arch import ArchSpec
 from mnv3.imagenet import imagenet_classes
 from mnv3.nn import MobileNet, build
 from mnv3.nn.layers import ConvBNAct
+from mnv3.presets import COMMON_WIDTHS, candidates
 from mnv3.weights.model_file import ModelMeta, Preprocess, WeightsError, set_meta
 
 _NUMPY_TYPES = {0: np.float32, 1: np.float16, 2: np.int32, 3: np.uint8, 4: np.int64, 9: np.int8}
-_WIDTHS = (1.0, 0.75, 0.5, 0.35, 1.25)
 
 
 class _Graph:
@@ -51,7 +51,7 @@ class _Graph:
                 inputs = [op.Inputs(j) for j in range(op.InputsLength())]
                 outputs = [op.Outputs(j) for j in range(op.OutputsLength())]
                 self.ops.append((kind, inputs, outputs))
-        except Exception as exc:  # a damaged flatbuffer raises anything from struct to IndexError
+        except Exception as exc:  # noqa: BLE001 - a damaged flatbuffer raises anything from struct to IndexError
             raise WeightsError(f"{path}: damaged TFLite file ({type(exc).__name__}: {exc})") from None
         self.path = path
         self.producer = {o: (kind, ins) for kind, ins, outs in self.ops for o in outs}
@@ -111,9 +111,7 @@ def _our_layers(model: MobileNet) -> list[tuple[str, nn.Module]]:
     """Our weighted layers in the order the TFLite graph has them."""
     layers = []
     for name, module in model.named_modules():
-        if isinstance(module, ConvBNAct):
-            layers.append((name, module))
-        elif isinstance(module, (nn.Conv2d, nn.Linear)) and not name.endswith(".conv"):
+        if isinstance(module, ConvBNAct) or isinstance(module, (nn.Conv2d, nn.Linear)) and not name.endswith(".conv"):
             layers.append((name, module))
     return layers
 
@@ -132,15 +130,12 @@ def _fits(spec: ArchSpec, shapes: list[tuple[int, ...]], num_classes: int) -> bo
 
 
 def _recognise(shapes: list[tuple[int, ...]], resolution: int, num_classes: int) -> ArchSpec:
-    from mnv3.presets import PRESETS
-
-    for name, make in PRESETS.items():
-        for width in _WIDTHS:
-            spec = make(width, resolution).replace(padding="same")
-            if _fits(spec, shapes, num_classes):
-                return spec
+    for spec in candidates(resolution):
+        spec = spec.replace(padding="same")
+        if _fits(spec, shapes, num_classes):
+            return spec
     raise WeightsError("the TFLite file's layers match no preset at widths "
-                       f"{_WIDTHS}; pass --arch with a spec JSON that describes it")
+                       f"{COMMON_WIDTHS}; pass --arch with a spec JSON that describes it")
 
 
 def load_tflite(path: str | Path, arch: ArchSpec | None = None) -> MobileNet:
