@@ -89,7 +89,7 @@ def test_fused_model_round_trip(tmp_path):
     path = mnv3.save(model, tmp_path / "fused.safetensors")
     with safe_open(str(path), framework="pt") as f:
         assert f.metadata()["fused"] == "1"
-        assert not any("bn." in k for k in f.keys())
+        assert not any("bn." in k for k in f.keys())  # noqa: SIM118 - safe_open is not iterable
     loaded = mnv3.load(path)
     assert loaded.fused
     assert loaded.spec == spec
@@ -288,7 +288,7 @@ def test_text_file_named_tflite(tmp_path):
 
 def test_damaged_model_header(large_file, tmp_path):
     with safe_open(str(large_file), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
         header = dict(f.metadata())
     from safetensors.torch import save_file
 

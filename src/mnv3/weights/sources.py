@@ -34,7 +34,7 @@ from mnv3.weights.model_file import (
     read_safetensors,
     set_meta,
 )
-from mnv3.weights.state_dicts import detect_format, map_state_dict, matches, num_classes_of
+from mnv3.weights.state_dicts import detect_format, map_state_dict, matches, module_order, num_classes_of
 from mnv3.weights.tflite_import import load_tflite
 
 _HUB_HASH = re.compile(r"-([a-f0-9]{8,64})\.[A-Za-z0-9]+$")
@@ -148,7 +148,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def _recognise(state: dict[str, torch.Tensor], num_classes: int, fmt: str) -> ArchSpec:
     for spec in candidates():
-        if matches(state, spec, num_classes):
+        if matches(module_order(state, fmt), spec, num_classes):
             return spec
     raise WeightsError(f"these {fmt} weights match no preset at widths {COMMON_WIDTHS}; pass --arch")
 
@@ -160,7 +160,7 @@ def import_state_dict(state: dict[str, torch.Tensor], arch: ArchSpec | None, sou
         fmt = detect_format(state)
     except ValueError as exc:
         raise WeightsError(f"{source}: {exc}") from None
-    num_classes = num_classes_of(state)
+    num_classes = num_classes_of(module_order(state, fmt))
     if arch is None:
         if fmt == "timm":
             raise WeightsError(f"{source}: timm weights need --arch with the timm model name "
@@ -171,7 +171,7 @@ def import_state_dict(state: dict[str, torch.Tensor], arch: ArchSpec | None, sou
     if fmt == "mnv3":
         load_weights(model, state, source)
     else:
-        mapped, problems = map_state_dict(state, model)
+        mapped, problems = map_state_dict(module_order(state, fmt), model)
         if problems:
             shown = "\n  ".join(problems[:20])
             raise WeightsError(f"{source}: the {fmt} weights do not fit {arch.name}:\n  {shown}\n"

@@ -30,6 +30,43 @@ def detect_format(state: dict[str, torch.Tensor]) -> str:
                      "(features.*), timm's (conv_stem.*, blocks.*) or mnv3's (stem.*, blocks.*)")
 
 
+_ROLE_RANK = {"weight": 0, "bias": 1, "running_mean": 2, "running_var": 3, "num_batches_tracked": 4}
+_TIMM_TOP = {"conv_stem": 0, "bn1": 1, "blocks": 2, "conv_head": 3, "norm_head": 4, "classifier": 5}
+_TIMM_IR = ("conv_pw", "bn1", "conv_dw", "bn2", "se", "conv_pwl", "bn3")
+_TIMM_DS = ("conv_dw", "bn1", "se", "conv_pw", "bn2")
+_TIMM_CBA = ("conv", "bn1")
+
+
+def module_order(state: dict[str, torch.Tensor], fmt: str) -> dict[str, torch.Tensor]:
+    """The state dict in module registration order (safetensors files store their keys sorted)."""
+    if fmt == "mnv3":
+        return state
+    inverted = {k.split(".conv_pwl.")[0] for k in state if ".conv_pwl." in k}
+    plain = {k.split(".conv.")[0] for k in state if ".conv." in k}
+
+    def segment(p: str):
+        return (0, int(p), "") if p.isdigit() else (1, 0, p)
+
+    def key(name: str):
+        *path, role = name.split(".")
+        if fmt == "torchvision":
+            ranks = [({"features": 0, "classifier": 1}.get(path[0], 2), 0, "")]
+            ranks += [segment(p) for p in path[1:]]
+        else:
+            ranks = [(_TIMM_TOP.get(path[0], 9), 0, "")]
+            if path[0] == "blocks" and len(path) >= 4:
+                block = ".".join(path[:3])
+                table = _TIMM_IR if block in inverted else _TIMM_CBA if block in plain else _TIMM_DS
+                ranks += [segment(path[1]), segment(path[2]),
+                          (table.index(path[3]) if path[3] in table else 9, 0, "")]
+                ranks += [({"conv_reduce": 0, "conv_expand": 1}.get(p, 2), 0, p) for p in path[4:]]
+            else:
+                ranks += [segment(p) for p in path[1:]]
+        return ranks, _ROLE_RANK.get(role, 9)
+
+    return {k: state[k] for k in sorted(state, key=key)}
+
+
 def _ordered(state: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
     return [(k, v) for k, v in state.items() if not k.endswith("num_batches_tracked")]
 
