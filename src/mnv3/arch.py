@@ -120,9 +120,9 @@ class ArchSpec:
         if self.se_gate not in SE_GATES:
             raise SpecError(f"se_gate: expected one of {SE_GATES}, got {self.se_gate!r}")
         _check_int(self.in_channels, "in_channels")
-        if not (0 < self.bn_eps < 1):
+        if not _is_number(self.bn_eps) or not (0 < self.bn_eps < 1):
             raise SpecError(f"bn_eps: expected a small positive number, got {self.bn_eps!r}")
-        if not (0 < self.bn_momentum <= 1):
+        if not _is_number(self.bn_momentum) or not (0 < self.bn_momentum <= 1):
             raise SpecError(f"bn_momentum: expected a value in (0, 1], got {self.bn_momentum!r}")
         stem = self.stem
         _check_int(stem.out, "stem.out")
@@ -150,7 +150,7 @@ class ArchSpec:
         _check_int(head.last_conv, "head.last_conv")
         if head.pre_logits is not None:
             _check_int(head.pre_logits, "head.pre_logits")
-        if not (0.0 <= head.dropout < 1.0):
+        if not _is_number(head.dropout) or not (0.0 <= head.dropout < 1.0):
             raise SpecError(f"head.dropout: expected a value in [0, 1), got {head.dropout!r}")
         _check_act(head.activation, "head.activation")
         _check_int(self.resolution, "resolution")
@@ -228,6 +228,10 @@ def _from_fields(cls: type, data: Any, where: str) -> Any:
     return cls(**data)
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _check_text(value: Any, where: str) -> None:
     if not isinstance(value, str) or not value:
         raise SpecError(f"{where}: expected a non-empty string, got {value!r}")
@@ -247,7 +251,7 @@ def _check_kernel(value: Any, where: str) -> None:
 
 
 def _check_stride(value: Any, where: str) -> None:
-    if value not in (1, 2) or isinstance(value, bool):
+    if isinstance(value, bool) or not isinstance(value, int) or value not in (1, 2):
         raise SpecError(f"{where}: stride must be 1 or 2, got {value!r}")
 
 

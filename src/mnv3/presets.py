@@ -193,7 +193,6 @@ PEER_ARCHS: dict[str, PeerArch] = {
     "mobilenetv3_large_075": PeerArch("mobilenet_v3_large", 0.75, bn_eps=1e-5),
     "mobilenetv3_small_100": PeerArch("mobilenet_v3_small", 1.0, bn_eps=1e-5),
     "mobilenetv3_small_075": PeerArch("mobilenet_v3_small", 0.75, bn_eps=1e-5),
-    "mobilenetv3_small_050": PeerArch("mobilenet_v3_small", 0.5, bn_eps=1e-5),
     "tf_mobilenetv3_large_100": PeerArch("mobilenet_v3_large", 1.0, "same"),
     "tf_mobilenetv3_large_075": PeerArch("mobilenet_v3_large", 0.75, "same"),
     "tf_mobilenetv3_large_minimal_100": PeerArch("mobilenet_v3_large_minimal", 1.0, "same"),

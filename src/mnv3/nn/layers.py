@@ -69,10 +69,11 @@ class ConvBNAct(nn.Module):
         bn, conv = self.bn, self.conv
         scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
         fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                          conv.padding, dilation=conv.dilation, groups=conv.groups, bias=True)
+                          conv.padding, dilation=conv.dilation, groups=conv.groups, bias=True,
+                          device=conv.weight.device, dtype=conv.weight.dtype)
         fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
         fused.bias.copy_(bn.bias - bn.running_mean * scale)
-        self.conv, self.bn = fused.to(conv.weight.device, conv.weight.dtype), nn.Identity()
+        self.conv, self.bn = fused, nn.Identity()
 
 
 class SqueezeExcite(nn.Module):
