@@ -30,8 +30,15 @@ def time_interleaved(fns: dict[str, Callable[[], object]], rounds: int = 15, ite
     out = {}
     for name, values in samples.items():
         q = statistics.quantiles(values, n=10)
-        out[name] = {"median_ms": statistics.median(values), "p10_ms": q[0], "p90_ms": q[-1]}
+        out[name] = {"median_ms": statistics.median(values), "p10_ms": q[0], "p90_ms": q[-1],
+                     "samples": values}
     return out
+
+
+def paired_ratio(timings: dict[str, dict], a: str, b: str) -> float:
+    """Median over rounds of a's time / b's time in the same round: drifts that last longer than a
+    round (another process, a frequency change) cancel out of each pair."""
+    return statistics.median(x / y for x, y in zip(timings[a]["samples"], timings[b]["samples"]))
 
 
 def write_csv(name: str, rows: list[dict]) -> Path:

@@ -13,7 +13,7 @@ import platform
 import timm
 import torch
 import torchvision
-from common import time_interleaved, write_csv
+from common import paired_ratio, time_interleaved, write_csv
 
 import mnv3
 
@@ -47,16 +47,17 @@ def main() -> None:
                     return model(x)
             fns[name] = run
         timings = time_interleaved(fns, rounds=args.rounds, iters=args.iters)
-        base = timings["mnv3"]["median_ms"]
         print(f"\nMobileNetV3-{size.capitalize()}")
         for name, t in timings.items():
-            print(f"  {name:<12} median {t['median_ms']:7.2f} ms  (p10 {t['p10_ms']:.2f}, p90 {t['p90_ms']:.2f})")
-            rows.append({"network": size, "impl": name, **{k: round(v, 3) for k, v in t.items()}})
-        tv, tm, fu = (timings[k]["median_ms"] for k in ("torchvision", "timm", "mnv3 fused"))
-        print(f"  ratio mnv3/torchvision {base / tv:.3f}   mnv3/timm {base / tm:.3f}   (goal <= 1.03)")
-        print(f"  ratio fused/unfused   {fu / base:.3f}   (goal < 1)")
-        for r in rows[-4:]:
-            r.update({"ratio_vs_torchvision": round(r["median_ms"] / tv, 3)})
+            ratio = paired_ratio(timings, name, "torchvision")
+            print(f"  {name:<12} median {t['median_ms']:7.2f} ms  (p10 {t['p10_ms']:.2f}, p90 {t['p90_ms']:.2f})"
+                  f"  x{ratio:.3f} of torchvision")
+            rows.append({"network": size, "impl": name, "median_ms": round(t["median_ms"], 3),
+                         "p10_ms": round(t["p10_ms"], 3), "p90_ms": round(t["p90_ms"], 3),
+                         "ratio_vs_torchvision": round(ratio, 3)})
+        print(f"  ratio mnv3/torchvision {paired_ratio(timings, 'mnv3', 'torchvision'):.3f}   "
+              f"mnv3/timm {paired_ratio(timings, 'mnv3', 'timm'):.3f}   (goal <= 1.03; median of per-round ratios)")
+        print(f"  ratio fused/unfused    {paired_ratio(timings, 'mnv3 fused', 'mnv3'):.3f}   (goal < 1)")
     print(f"\nwritten {write_csv('eager_vs_peers.csv', rows)}")
 
 

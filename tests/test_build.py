@@ -171,7 +171,7 @@ def test_module_structure_follows_spec():
     assert model.blocks[3].se.reduce.out_channels == 24
     assert isinstance(model.blocks[3].se.gate, nn.Hardsigmoid)
     assert isinstance(model.blocks[6].dw.act, nn.Hardswish) and isinstance(model.blocks[5].dw.act, nn.ReLU)
-    assert isinstance(model.blocks[6].project.act, nn.Identity)  # linear bottleneck
+    assert model.blocks[6].project.act is None  # linear bottleneck
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert {(m.eps, m.momentum) for m in bns} == {(1e-3, 0.01)}
     assert model.dropout.p == 0.2

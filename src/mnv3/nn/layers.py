@@ -19,8 +19,6 @@ def activation(name: str) -> nn.Module:
         return nn.ReLU6(inplace=True)
     if name == "hswish":
         return nn.Hardswish(inplace=True)
-    if name == "none":
-        return nn.Identity()
     raise ValueError(f"unknown activation {name!r}")
 
 
@@ -50,8 +48,9 @@ class ConvBNAct(nn.Module):
         padding = 0 if self.pad_same else (kernel - 1) // 2 * dilation
         self.conv = nn.Conv2d(cin, cout, kernel, stride, padding, dilation=dilation,
                               groups=groups, bias=False)
-        self.bn: nn.Module = nn.BatchNorm2d(cout, eps=eps, momentum=momentum)
-        self.act = activation(act)
+        # Absent parts are None rather than nn.Identity: eager inference pays for every module call.
+        self.bn: nn.Module | None = nn.BatchNorm2d(cout, eps=eps, momentum=momentum)
+        self.act = None if act == "none" else activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pad_same:
@@ -59,7 +58,10 @@ class ConvBNAct(nn.Module):
             top, bottom = same_padding(x.shape[-2], k, s, d)
             left, right = same_padding(x.shape[-1], k, s, d)
             x = F.pad(x, (left, right, top, bottom))
-        return self.act(self.bn(self.conv(x)))
+        x = self.conv(x)
+        if self.bn is not None:
+            x = self.bn(x)
+        return x if self.act is None else self.act(x)
 
     @torch.no_grad()
     def fuse(self) -> None:
@@ -73,7 +75,7 @@ class ConvBNAct(nn.Module):
                           device=conv.weight.device, dtype=conv.weight.dtype)
         fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
         fused.bias.copy_(bn.bias - bn.running_mean * scale)
-        self.conv, self.bn = fused, nn.Identity()
+        self.conv, self.bn = fused, None
 
 
 class SqueezeExcite(nn.Module):
@@ -87,7 +89,7 @@ class SqueezeExcite(nn.Module):
         self.gate = gate(gate_name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = F.adaptive_avg_pool2d(x, 1)
+        s = x.mean((2, 3), keepdim=True)
         return x * self.gate(self.expand(self.act(self.reduce(s))))
 
 
@@ -100,20 +102,21 @@ class InvertedResidual(nn.Module):
         norm = {"eps": eps, "momentum": momentum}
         exp = block.expansion
         self.has_expand = exp != cin
-        self.expand = (ConvBNAct(cin, exp, 1, act=block.activation, **norm)
-                       if self.has_expand else nn.Identity())
+        self.expand = ConvBNAct(cin, exp, 1, act=block.activation, **norm) if self.has_expand else None
         self.dw = ConvBNAct(exp, exp, block.kernel, block.stride, groups=exp, dilation=block.dilation,
                             act=block.activation, same=same, **norm)
-        self.se = SqueezeExcite(exp, block.se, se_gate) if block.se is not None else nn.Identity()
+        self.se = SqueezeExcite(exp, block.se, se_gate) if block.se is not None else None
         self.project = ConvBNAct(exp, block.out, 1, **norm)
         self.residual = block.stride == 1 and cin == block.out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.project(self.se(self.dw(self.expand(x))))
-        return x + y if self.residual else y
+        return self.forward_expansion(x)[1]
 
     def forward_expansion(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(expansion output, block output): the expansion output is what SSDLite taps."""
-        e = self.expand(x)
-        y = self.project(self.se(self.dw(e)))
+        e = x if self.expand is None else self.expand(x)
+        y = self.dw(e)
+        if self.se is not None:
+            y = self.se(y)
+        y = self.project(y)
         return e, (x + y if self.residual else y)

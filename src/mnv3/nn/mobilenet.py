@@ -44,12 +44,11 @@ class MobileNet(nn.Module):
             for cin, block in zip(spec.block_inputs(), spec.blocks)])
         head = spec.head
         self.last_conv = ConvBNAct(spec.blocks[-1].out, head.last_conv, 1, act=head.activation, **norm)
-        self.pool = nn.AdaptiveAvgPool2d(1)
         if head.pre_logits is not None:
-            self.pre_logits: nn.Module = nn.Linear(head.last_conv, head.pre_logits)
-            self.pre_act = activation(head.activation)
+            self.pre_logits: nn.Module | None = nn.Linear(head.last_conv, head.pre_logits)
+            self.pre_act: nn.Module | None = activation(head.activation)
         else:
-            self.pre_logits, self.pre_act = nn.Identity(), nn.Identity()
+            self.pre_logits = self.pre_act = None
         self.dropout = nn.Dropout(head.dropout)
         self.num_features = spec.feature_channels()
         self.num_classes = num_classes
@@ -65,7 +64,9 @@ class MobileNet(nn.Module):
         return self.last_conv(self.blocks(self.stem(x)))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.pre_act(self.pre_logits(torch.flatten(self.pool(x), 1)))
+        x = x.mean((2, 3))
+        if self.pre_logits is not None:
+            x = self.pre_act(self.pre_logits(x))
         return x if pre_logits else self.classifier(self.dropout(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
