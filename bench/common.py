@@ -15,14 +15,19 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def time_interleaved(fns: dict[str, Callable[[], object]], rounds: int = 15, iters: int = 20,
                      warmup: int = 10) -> dict[str, dict[str, float]]:
-    """Median / p10 / p90 milliseconds per call of each fn. Rounds alternate between the fns so that
-    machine noise (other processes, frequency changes) hits all of them alike."""
+    """Median / p10 / p90 milliseconds per call of each fn (and the per-round samples). Rounds
+    alternate between the fns so that machine noise (other processes, frequency changes) hits all
+    of them alike."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
+    names = list(fns)
+    for r in range(rounds):
+        # Rotate the order every round: what runs just before a function (and what it left in the
+        # caches) must not favour one of them.
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn = fns[name]
             start = time.perf_counter()
             for _ in range(iters):
                 fn()

@@ -89,8 +89,9 @@ class SqueezeExcite(nn.Module):
         self.gate = gate(gate_name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = x.mean((2, 3), keepdim=True)
-        return x * self.gate(self.expand(self.act(self.reduce(s))))
+        s = self.gate(self.expand(self.act(self.reduce(x.mean((2, 3), keepdim=True)))))
+        # Without autograd, scale in place: saves allocating (and faulting in) a full feature map.
+        return x * s if torch.is_grad_enabled() else x.mul_(s)
 
 
 class InvertedResidual(nn.Module):
@@ -119,4 +120,6 @@ class InvertedResidual(nn.Module):
         if self.se is not None:
             y = self.se(y)
         y = self.project(y)
-        return e, (x + y if self.residual else y)
+        if self.residual:
+            y = x + y if torch.is_grad_enabled() else y.add_(x)
+        return e, y
