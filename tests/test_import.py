@@ -334,6 +334,29 @@ def test_unknown_named_set_lists_known_ones(tmp_path, monkeypatch):
     assert _cached_files(tmp_path / "cache") == []
 
 
+def test_named_set_downloads_with_its_checksum(server, tv_small, monkeypatch):
+    """The named-set path end to end against a local server: the registry's file name carries the
+    checksum, a file with other content is refused, the right one loads with the set's preprocessing."""
+    from mnv3.weights import sources
+
+    base, root, cache = server
+    peer, path = tv_small
+    monkeypatch.setattr(sources, "_TORCHVISION_BASE", base + "/")
+    shutil.copy(path, root / "mobilenet_v3_small-047dcff4.pth")      # the real name, other content
+    with pytest.raises(mnv3.WeightsError, match="checksum"):
+        mnv3.load("torchvision:IMAGENET1K_V1", arch="mobilenet_v3_small", progress=False)
+    assert _cached_files(cache) == []
+
+    good = f"mobilenet_v3_small-{_sha256(path)[:8]}.pth"
+    shutil.copy(path, root / good)
+    monkeypatch.setitem(sources.NAMED_WEIGHTS, ("torchvision", "mobilenet_v3_small"),
+                        {"IMAGENET1K_V1": (good, 256), "TEST": (good, 232)})
+    model = mnv3.load("torchvision:TEST", arch="mobilenet_v3_small", progress=False)
+    _assert_same_outputs(model, peer, 64)
+    assert model.meta.preprocess.resize == 232
+    assert _cached_files(cache) == [good]
+
+
 # -- the authors' TFLite file -----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
