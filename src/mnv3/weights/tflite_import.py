@@ -4,7 +4,8 @@ The file is parsed with the `tflite` flatbuffer schema; nothing is executed. Its
 in the network's order with batch norm already folded in, so each one becomes a conv whose batch
 norm is set to the identity (bias kept there), which keeps the model trainable. Quantized weights are
 dequantized ((q - zero_point) * scale). The network is recognised from the weight shapes (or checked
-against `arch` when given); TF "same" padding is used. 1001 outputs (index 0 = background) become the
+against `arch` when given); the padding mode is read from the strided convolutions (TF "same" in the
+authors' files; explicit symmetric padding in files converted from PyTorch). 1001 outputs (index 0 = background) become the
 1000 ImageNet classes.
 """
 
@@ -43,7 +44,7 @@ class _Graph:
             self.model = tflite.Model.GetRootAsModel(data, 0)
             self.graph = self.model.Subgraphs(0)
             names = {v: k for k, v in vars(tflite.BuiltinOperator).items() if not k.startswith("_")}
-            self.ops = []
+            self.ops, self.conv_options, self.fused_relu6 = [], [], {}
             for i in range(self.graph.OperatorsLength()):
                 op = self.graph.Operators(i)
                 code = self.model.OperatorCodes(op.OpcodeIndex())
@@ -51,10 +52,22 @@ class _Graph:
                 inputs = [op.Inputs(j) for j in range(op.InputsLength())]
                 outputs = [op.Outputs(j) for j in range(op.OutputsLength())]
                 self.ops.append((kind, inputs, outputs))
+                if kind in ("CONV_2D", "DEPTHWISE_CONV_2D"):
+                    options = (tflite.Conv2DOptions() if kind == "CONV_2D"
+                               else tflite.DepthwiseConv2DOptions())
+                    table = op.BuiltinOptions()
+                    options.Init(table.Bytes, table.Pos)
+                    self.conv_options.append((options.StrideH(), options.Padding(), inputs[0]))
+                    self.fused_relu6[outputs[0]] = (options.FusedActivationFunction()
+                                                    == tflite.ActivationFunctionType.RELU6)
         except Exception as exc:  # noqa: BLE001 - a damaged flatbuffer raises anything from struct to IndexError
             raise WeightsError(f"{path}: damaged TFLite file ({type(exc).__name__}: {exc})") from None
         self.path = path
         self.producer = {o: (kind, ins) for kind, ins, outs in self.ops for o in outs}
+        self.consumers: dict[int, list[str]] = {}
+        for kind, ins, _ in self.ops:
+            for i in ins:
+                self.consumers.setdefault(i, []).append(kind)
 
     def shape(self, index: int) -> list[int]:
         return self.graph.Tensors(index).ShapeAsNumpy().tolist()
@@ -84,6 +97,27 @@ class _Graph:
             values = (values - zero) * scale
         return values.astype(np.float32)
 
+    def padding(self) -> str:
+        """"same" when the strided convolutions pad like TensorFlow: SAME padding (the authors'
+        files) or an explicit asymmetric PAD before them (a PyTorch model with TF padding,
+        converted); "symmetric" when an explicit PAD pads both sides alike."""
+        votes = set()
+        for stride, pad, source in self.conv_options:
+            if stride == 1:
+                continue
+            if pad == self.schema.Padding.SAME:
+                votes.add("same")
+                continue
+            kind, ins = self.producer.get(source, (None, []))
+            while kind == "TRANSPOSE":      # a converter may pad in NCHW, then change layout
+                kind, ins = self.producer.get(ins[0], (None, []))
+            if kind in ("PAD", "PADV2"):
+                amounts = self.constant(ins[1]).reshape(-1, 2)
+                votes.add("same" if any(a != b for a, b in amounts) else "symmetric")
+            else:
+                votes.add("symmetric")
+        return "same" if votes == {"same"} else "symmetric"
+
     def input_quantization(self) -> tuple[float, float] | None:
         tensor = self.graph.Tensors(self.graph.Inputs(0))
         quant = tensor.Quantization()
@@ -91,10 +125,11 @@ class _Graph:
             return float(quant.ScaleAsNumpy()[0]), float(quant.ZeroPointAsNumpy()[0])
         return None
 
-    def weighted_layers(self) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
-        """(kind, weight in PyTorch layout, bias) of every conv and fully connected op, in order."""
+    def weighted_layers(self) -> list[tuple[np.ndarray, np.ndarray | None, bool]]:
+        """(weight in PyTorch layout, bias, whether a ReLU6 follows) of every conv and fully
+        connected op, in order. 1x1 convs and fully connected layers both come as (out, in, 1, 1)."""
         layers = []
-        for kind, ins, _ in self.ops:
+        for kind, ins, outs in self.ops:
             if kind not in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"):
                 continue
             w = self.constant(ins[1])
@@ -103,7 +138,10 @@ class _Graph:
                 w = w.transpose(0, 3, 1, 2)
             elif kind == "DEPTHWISE_CONV_2D":   # 1HWC -> C1HW
                 w = w.transpose(3, 0, 1, 2)
-            layers.append((kind, w, b))
+            else:                        # (out, in) -> (out, in, 1, 1), like the 1x1 convs TF uses
+                w = w.reshape(*w.shape, 1, 1)
+            relu6 = self.fused_relu6.get(outs[0], False) or self.consumers.get(outs[0]) == ["RELU6"]
+            layers.append((w, b, relu6))
         return layers
 
 
@@ -129,9 +167,10 @@ def _fits(spec: ArchSpec, shapes: list[tuple[int, ...]], num_classes: int) -> bo
     return len(ours) == len(shapes) and all(a == b for a, b in zip(ours, shapes))
 
 
-def _recognise(shapes: list[tuple[int, ...]], resolution: int, num_classes: int) -> ArchSpec:
+def _recognise(shapes: list[tuple[int, ...]], resolution: int, num_classes: int,
+               padding: str) -> ArchSpec:
     for spec in candidates(resolution):
-        spec = spec.replace(padding="same")
+        spec = spec.replace(padding=padding)
         if _fits(spec, shapes, num_classes):
             return spec
     raise WeightsError("the TFLite file's layers match no preset at widths "
@@ -146,24 +185,32 @@ def load_tflite(path: str | Path, arch: ArchSpec | None = None) -> MobileNet:
     if not layers:
         raise WeightsError(f"{path}: no convolution layers found; is this an image classifier?")
     input_shape = graph.shape(graph.graph.Inputs(0))
-    if len(input_shape) != 4 or input_shape[1] != input_shape[2]:
-        raise WeightsError(f"{path}: expected a square NHWC image input, got {input_shape}")
-    resolution, outputs = input_shape[1], layers[-1][1].shape[0]
+    if len(input_shape) == 4 and input_shape[3] == 3 and input_shape[1] == input_shape[2]:
+        resolution = input_shape[1]           # NHWC, as TensorFlow writes
+    elif len(input_shape) == 4 and input_shape[1] == 3 and input_shape[2] == input_shape[3]:
+        resolution = input_shape[2]           # NCHW, as PyTorch converters write
+    else:
+        raise WeightsError(f"{path}: expected a square RGB image input, got {input_shape}")
+    outputs = layers[-1][0].shape[0]
+    padding = graph.padding()
     background = outputs == 1001
     num_classes = outputs - 1 if background else outputs
-    shapes = [tuple(w.shape) for _, w, _ in layers]
+    shapes = [tuple(w.shape) for w, _, _ in layers]
     shapes[-1] = (num_classes,) + shapes[-1][1:]
     if arch is None:
-        spec = _recognise(shapes, resolution, num_classes)
+        spec = _recognise(shapes, resolution, num_classes, padding)
     else:
-        spec = arch.replace(padding="same", resolution=resolution)
+        spec = arch.replace(padding=padding, resolution=resolution)
         if not _fits(spec, shapes, num_classes):
             raise WeightsError(f"{path}: its layers do not fit --arch {arch.name}; leave --arch out "
                                "to recognise the network from the file")
     model = build(spec, num_classes)
     with torch.no_grad():
-        for (_, module), (_, w, b) in zip(_our_layers(model), layers):
+        for (name, module), (w, b, relu6) in zip(_our_layers(model), layers):
             weight, bias = torch.from_numpy(w), None if b is None else torch.from_numpy(b)
+            if name.endswith(".se.expand") and spec.se_gate == "hard_sigmoid" and relu6:
+                # hard_sigmoid(x) = relu6(x + 3) / 6: converters fold the + 3 into this bias.
+                bias = bias - 3.0
             if module is model.classifier and background:
                 weight, bias = weight[1:], bias[1:]
             if isinstance(module, ConvBNAct):
