@@ -38,7 +38,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     spec = _spec_from_args(args)
     cost = count(spec, args.num_classes)
-    header = f"{'layer':<11}{'input':>9}{'in':>6}{'exp':>6}{'out':>6}{'k':>3}{'SE':>5}{'NL':>8}{'s':>3}" \
+    header = f"{'layer':<11}{'input':>9}{'in':>6}{'exp':>6}{'out':>6}{'k':>3}{'SE':>5}{'NL':>8}{'s':>3}{'d':>3}" \
              f"{'params':>12}{'MACs':>14}"
     print(f"{spec.name}: {spec.resolution}x{spec.resolution}, padding {spec.padding}, "
           f"{args.num_classes} classes")
@@ -49,7 +49,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         exp = "" if row.expansion is None else str(row.expansion)
         se = "-" if row.se is None else str(row.se)
         print(f"{row.name:<11}{size:>9}{row.in_channels:>6}{exp:>6}{row.out_channels:>6}{row.kernel:>3}"
-              f"{se:>5}{row.activation:>8}{row.stride:>3}{_fmt_int(row.params):>12}{_fmt_int(row.macs):>14}")
+              f"{se:>5}{row.activation:>8}{row.stride:>3}{row.dilation:>3}{_fmt_int(row.params):>12}{_fmt_int(row.macs):>14}")
     print("-" * len(header))
     print(f"total: {_fmt_int(cost.params)} parameters, {cost.macs / 1e6:.1f}M MACs")
     if args.save:

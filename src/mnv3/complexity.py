@@ -24,6 +24,7 @@ class LayerCost:
     stride: int
     params: int
     macs: int
+    dilation: int = 1
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ def count(spec: ArchSpec, num_classes: int = 1000) -> Complexity:
         p, m, _ = _conv(out_size, exp, block.out, 1, 1)
         params, macs = params + p, macs + m
         rows.append(LayerCost(f"block{i}", size, cin, block.out, block.kernel, exp, block.se,
-                              block.activation, block.stride, params, macs))
+                              block.activation, block.stride, params, macs, block.dilation))
         size = out_size
     head = spec.head
     cin = spec.blocks[-1].out
