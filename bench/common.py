@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import statistics
 import time
 from collections.abc import Callable
@@ -47,14 +46,6 @@ def paired_ratio(timings: dict[str, dict], a: str, b: str) -> float:
 
 
 def write_csv(name: str, rows: list[dict]) -> Path:
-    from mnv3.files import atomic_write
+    from mnv3.files import atomic_write_csv
 
-    path = RESULTS / name
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-
-    return atomic_write(path, write)
+    return atomic_write_csv(RESULTS / name, rows)

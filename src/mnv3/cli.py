@@ -121,6 +121,52 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from mnv3.complexity import count
+    from mnv3.files import atomic_write_csv
+    from mnv3.latency import DriftGuard, check_threads, get_runtime, measure_all
+    from mnv3.presets import resolve_arch
+
+    runtime = get_runtime(args.runtime)
+    threads = check_threads(args.threads)
+    if args.batch < 1:
+        raise SpecError(f"--batch: expected at least 1, got {args.batch}")
+    specs = [resolve_arch(a, args.width, args.resolution) for a in args.archs]
+    env = runtime.environment(threads, args.batch, specs[0].resolution)
+    print(f"{env.runtime} {env.runtime_version} on {env.cpu} ({env.cores} cores), {threads} thread(s), "
+          f"batch {args.batch}, {args.runs} timed runs each", flush=True)
+    sessions = [runtime.session(spec, threads=threads, batch=args.batch)
+                for spec in tqdm(specs, desc="prepare", unit="net", file=sys.stderr,
+                                 disable=args.no_progress)]
+    guard = DriftGuard(sessions[0], runs=args.runs) if len(sessions) > 1 else None
+    bar = tqdm(total=len(specs), desc="measure", unit="net", file=sys.stderr, disable=args.no_progress)
+    timings = measure_all(sessions, guard, runs=args.runs, on_result=lambda i, t: bar.update())
+    bar.close()
+    rows = []
+    print(f"{'arch':<34}{'params':>12}{'MACs':>10}{'median ms':>11}{'p10':>9}{'p90':>9}")
+    for spec, timing in zip(specs, timings):
+        cost = count(spec, 1000)
+        env = runtime.environment(threads, args.batch, spec.resolution)
+        rows.append({"arch": spec.name, "runtime": runtime.name, "median_ms": round(timing.median_ms, 4),
+                     "p10_ms": round(timing.p10_ms, 4), "p90_ms": round(timing.p90_ms, 4),
+                     "params": cost.params, "macs": cost.macs, "runs": timing.runs,
+                     "repeats": timing.repeats, **{k: v for k, v in env.as_dict().items() if k != "runtime"}})
+        print(f"{spec.name:<34}{cost.params:>12,}{cost.macs / 1e6:>9.1f}M{timing.median_ms:>11.3f}"
+              f"{timing.p10_ms:>9.3f}{timing.p90_ms:>9.3f}")
+    if guard is not None and guard.drifts:
+        print(f"the reference ({specs[0].name}) drifted {guard.drifts} time(s) by more than 3%; "
+              "those measurements were repeated", file=sys.stderr)
+    path = atomic_write_csv(args.csv, rows)
+    print(f"written {path}")
+    if args.json:
+        keys = ("arch", "runtime", "median_ms", "p10_ms", "p90_ms", "params", "macs")
+        print(json.dumps({"environment": {k: v for k, v in rows[0].items() if k in env.as_dict()},
+                          "results": [{k: r[k] for k in keys} for r in rows]}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mnv3", description="MobileNetV3 networks, search on your own device, and deployment.",
@@ -173,11 +219,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="end with one JSON line: top1, top5 (fractions)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="measure latency on a runtime (torch, onnxruntime, litert)",
+                       description="Measure end-to-end latency of networks on one runtime with the "
+                                   "protocol: fixed threads, warm-up, at least 50 timed runs, median "
+                                   "with p10/p90; the first network is re-measured between the others "
+                                   "and measurements taken while it drifted by more than 3% are repeated.")
+    p.add_argument("archs", nargs="+", metavar="ARCH")
+    p.add_argument("--runtime", required=True, help="torch, torch-fused, onnxruntime or litert")
+    p.add_argument("--threads", type=int, default=1, help="threads the runtime may use (default 1)")
+    p.add_argument("--batch", type=int, default=1)
+    _add_arch_options(p)
+    p.add_argument("--runs", type=int, default=50, help="timed runs per network (at least 50)")
+    p.add_argument("--csv", default="mnv3-bench.csv", metavar="FILE", help="CSV to write (default mnv3-bench.csv)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true", help="end with one JSON line: results [{arch, runtime, median_ms, ...}]")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     from mnv3.data import DataError
+    from mnv3.latency import LatencyError
     from mnv3.weights import WeightsError
 
     parser = build_parser()
@@ -187,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return args.func(args)
-    except (SpecError, WeightsError, DataError) as exc:
+    except (SpecError, WeightsError, DataError, LatencyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -1,0 +1,29 @@
+"""Latency on real runtimes: runtimes behind one interface, the measurement protocol, and (next)
+per-block lookup tables and a calibrated predictor."""
+
+from mnv3.latency.protocol import MIN_RUNS, DriftGuard, Timing, measure, measure_all, summarize
+from mnv3.latency.runtimes import (
+                                   RUNTIMES,
+                                   Environment,
+                                   LatencyError,
+                                   Runtime,
+                                   RuntimeUnavailable,
+                                   check_threads,
+                                   get_runtime,
+)
+
+__all__ = [
+                                   "MIN_RUNS",
+                                   "RUNTIMES",
+                                   "DriftGuard",
+                                   "Environment",
+                                   "LatencyError",
+                                   "Runtime",
+                                   "RuntimeUnavailable",
+                                   "Timing",
+                                   "check_threads",
+                                   "get_runtime",
+                                   "measure",
+                                   "measure_all",
+                                   "summarize",
+]

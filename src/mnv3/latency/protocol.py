@@ -1,0 +1,112 @@
+"""The measurement protocol: warm-up, at least 50 individually timed runs, median with p10/p90, and a
+reference network re-measured during long jobs so that measurements taken while the machine drifted
+(another process, a frequency change) are repeated."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from mnv3.latency.runtimes import LatencyError
+
+MIN_RUNS = 50
+DRIFT_TOLERANCE = 0.03
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Statistics of one measured function, in milliseconds."""
+
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    runs: int
+    repeats: int = 0          # how often drift of the reference made us measure it again
+
+    def as_dict(self) -> dict:
+        return {"median_ms": self.median_ms, "p10_ms": self.p10_ms, "p90_ms": self.p90_ms,
+                "runs": self.runs, "repeats": self.repeats}
+
+
+def summarize(samples_ms: Sequence[float]) -> Timing:
+    """Median and 10th/90th percentiles (linear interpolation between order statistics)."""
+    if len(samples_ms) < 2:
+        raise LatencyError("at least two timed runs are needed for percentiles")
+    ordered = sorted(samples_ms)
+
+    def pct(q: float) -> float:
+        pos = q * (len(ordered) - 1)
+        lo = int(pos)
+        hi = min(lo + 1, len(ordered) - 1)
+        return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+    return Timing(statistics.median(ordered), pct(0.10), pct(0.90), len(ordered))
+
+
+def measure(fn: Callable[[], object], runs: int = MIN_RUNS, warmup: int = 10,
+            clock: Callable[[], float] = time.perf_counter) -> Timing:
+    """Time `runs` calls of `fn` one by one after `warmup` untimed calls."""
+    if isinstance(runs, bool) or not isinstance(runs, int) or runs < MIN_RUNS:
+        raise LatencyError(f"runs: the protocol times at least {MIN_RUNS} runs, got {runs!r}")
+    for _ in range(max(0, warmup)):
+        fn()
+    samples = []
+    for _ in range(runs):
+        start = clock()
+        fn()
+        samples.append((clock() - start) * 1e3)
+    return summarize(samples)
+
+
+@dataclass
+class DriftGuard:
+    """Re-measures a reference function; `drifted()` says whether its median moved by more than
+    `tolerance` from the baseline taken when the guard was made."""
+
+    reference: Callable[[], object]
+    tolerance: float = DRIFT_TOLERANCE
+    runs: int = MIN_RUNS
+    baseline: float = field(init=False)
+    checks: int = field(init=False, default=0)
+    drifts: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        self.baseline = measure(self.reference, self.runs).median_ms
+
+    def drifted(self) -> bool:
+        self.checks += 1
+        now = measure(self.reference, self.runs, warmup=2).median_ms
+        moved = abs(now / self.baseline - 1.0) > self.tolerance
+        self.drifts += moved
+        return moved
+
+    def rebase(self) -> None:
+        self.baseline = measure(self.reference, self.runs, warmup=2).median_ms
+
+
+def measure_all(fns: Sequence[Callable[[], object]], guard: DriftGuard | None = None, *,
+                runs: int = MIN_RUNS, check_every: int = 1, max_repeats: int = 3,
+                on_result: Callable[[int, Timing], None] | None = None) -> list[Timing]:
+    """Measure each function; after every `check_every` of them, re-measure the reference and, if it
+    drifted, measure that group again (at most `max_repeats` times, then take a new baseline and go
+    on). `on_result(i, timing)` is called as each result becomes final."""
+    results: list[Timing] = []
+    for start in range(0, len(fns), check_every):
+        group = fns[start:start + check_every]
+        repeats = 0
+        while True:
+            timings = [measure(fn, runs) for fn in group]
+            if guard is None or not guard.drifted():
+                break
+            if repeats == max_repeats:
+                guard.rebase()      # the machine settled somewhere else: accept and carry on
+                break
+            repeats += 1
+        for offset, timing in enumerate(timings):
+            timing = Timing(timing.median_ms, timing.p10_ms, timing.p90_ms, timing.runs, repeats)
+            results.append(timing)
+            if on_result:
+                on_result(start + offset, timing)
+    return results

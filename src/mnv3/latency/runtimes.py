@@ -1,0 +1,249 @@
+"""The runtimes latency is measured on, behind one interface: PyTorch eager, ONNX Runtime (CPU) and
+LiteRT (TFLite with XNNPACK, converted by litert-torch). Each turns a spec or a model into a
+ready-to-call session itself; a runtime whose package is missing says how to install it."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import os
+import platform
+import tempfile
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mnv3.arch import ArchSpec
+from mnv3.nn import MobileNet, build
+
+
+class LatencyError(ValueError):
+    """A latency request cannot be carried out as asked (unknown runtime, impossible thread count, ...)."""
+
+
+class RuntimeUnavailable(LatencyError):
+    """The runtime's package is not installed; the message names the install command."""
+
+
+@dataclass(frozen=True)
+class Environment:
+    """Where a measurement was taken: every result carries it, and lookup tables are keyed by it."""
+
+    cpu: str
+    cores: int
+    runtime: str
+    runtime_version: str
+    threads: int
+    batch: int
+    resolution: int
+    dtype: str = "float32"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def key(self) -> str:
+        """One string naming this environment, for tables shared by several machines."""
+        return (f"{self.cpu}|{self.cores}c|{self.runtime}-{self.runtime_version}|t{self.threads}"
+                f"|b{self.batch}|r{self.resolution}|{self.dtype}")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def check_threads(threads: int) -> int:
+    cores = os.cpu_count() or 1
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= cores:
+        raise LatencyError(f"threads: {threads!r} is impossible on this machine; use 1 to {cores} "
+                           "(1 is the paper's protocol)")
+    return threads
+
+
+def latency_model(spec_or_model: ArchSpec | nn.Module, batch: int = 1) -> nn.Module:
+    """A model whose activations look like a trained network's. Latency does not depend on the weight
+    values, except through denormal numbers: an untrained network's activations shrink towards
+    zero block after block, and some CPUs slow down on them. One forward pass in training mode on
+    random images sets the batch-norm statistics so that every layer's output stays near unit scale."""
+    if isinstance(spec_or_model, ArchSpec):
+        model = build(spec_or_model)
+        bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+        res = spec_or_model.resolution
+        with torch.no_grad():
+            for bn in bns:
+                bn.momentum = None      # cumulative average: one batch sets the statistics
+            model.train()(torch.randn(max(2, batch), spec_or_model.in_channels, res, res,
+                                      generator=torch.Generator().manual_seed(0)))
+        return model.eval()
+    return spec_or_model.eval()
+
+
+def _resolution(model: nn.Module, resolution: int | None) -> int:
+    if resolution is not None:
+        return resolution
+    if isinstance(model, MobileNet):
+        return model.spec.resolution
+    raise LatencyError("resolution: required for a model that carries no spec")
+
+
+class Runtime:
+    """One runtime: `session(...)` returns a function that runs one inference on a fixed input."""
+
+    name = "?"
+    package = "?"
+    install = "?"
+
+    def version(self) -> str:
+        return getattr(importlib.import_module(self.package), "__version__", "unknown")
+
+    def environment(self, threads: int, batch: int, resolution: int) -> Environment:
+        return Environment(cpu_model(), os.cpu_count() or 1, self.name, self.version(), threads, batch,
+                           resolution)
+
+    def session(self, spec_or_model: ArchSpec | nn.Module, *, threads: int = 1, batch: int = 1,
+                resolution: int | None = None) -> Callable[[], object]:
+        raise NotImplementedError
+
+
+class TorchRuntime(Runtime):
+    """PyTorch eager in inference mode; `fused=True` folds batch norm first."""
+
+    package = "torch"
+    install = "pip install torch"
+
+    def __init__(self, fused: bool = False) -> None:
+        self.fused = fused
+        self.name = "torch-fused" if fused else "torch"
+
+    def session(self, spec_or_model, *, threads=1, batch=1, resolution=None):
+        model = latency_model(spec_or_model, batch)
+        if self.fused and isinstance(model, MobileNet):
+            model.fuse()
+        res = _resolution(model, resolution)
+        torch.set_num_threads(check_threads(threads))
+        x = torch.randn(batch, 3, res, res)
+
+        def run() -> object:
+            with torch.inference_mode():
+                return model(x)
+        return run
+
+
+class OnnxRuntime(Runtime):
+    """ONNX Runtime, CPU execution provider, all graph optimisations, fixed intra-op threads."""
+
+    name = package = "onnxruntime"
+    install = "pip install onnxruntime onnx"
+
+    def session(self, spec_or_model, *, threads=1, batch=1, resolution=None):
+        import numpy as np
+        import onnxruntime as ort
+
+        model = latency_model(spec_or_model, batch)
+        res = _resolution(model, resolution)
+        x = torch.randn(batch, 3, res, res)
+        with tempfile.TemporaryDirectory(prefix="mnv3-onnx-") as tmp:
+            path = Path(tmp) / "model.onnx"
+            export_onnx(model, x, path)
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = check_threads(threads)
+            options.inter_op_num_threads = 1
+            options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        feed = {sess.get_inputs()[0].name: np.ascontiguousarray(x.numpy())}
+
+        def run() -> object:
+            return sess.run(None, feed)
+        return run
+
+
+class LiteRtRuntime(Runtime):
+    """TFLite through ai-edge-litert's interpreter (XNNPACK delegate), converted by litert-torch."""
+
+    name = "litert"
+    package = "ai_edge_litert"
+    install = "pip install ai-edge-litert litert-torch"
+
+    def version(self) -> str:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return version("ai-edge-litert")
+        except PackageNotFoundError:
+            return "unknown"
+
+    def session(self, spec_or_model, *, threads=1, batch=1, resolution=None):
+        from ai_edge_litert.interpreter import Interpreter
+
+        model = latency_model(spec_or_model, batch)
+        res = _resolution(model, resolution)
+        x = torch.randn(batch, 3, res, res)
+        check_threads(threads)
+        with tempfile.TemporaryDirectory(prefix="mnv3-litert-") as tmp:
+            path = Path(tmp) / "model.tflite"
+            export_tflite(model, x, path)
+            interpreter = Interpreter(model_path=str(path), num_threads=threads)
+        interpreter.allocate_tensors()
+        inp = interpreter.get_input_details()[0]
+        interpreter.set_tensor(inp["index"], x.numpy())
+
+        def run() -> object:
+            interpreter.invoke()
+        return run
+
+
+def export_onnx(model: nn.Module, x: torch.Tensor, path: Path) -> Path:
+    """ONNX file of `model` at the input shape of `x` (TorchScript exporter: fast and lean graphs;
+    the dynamo exporter when that one is gone)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=17)
+        except (TypeError, RuntimeError, ImportError):
+            torch.onnx.export(model, (x,), str(path), dynamo=True)
+    return path
+
+
+def export_tflite(model: nn.Module, x: torch.Tensor, path: Path) -> Path:
+    try:
+        import litert_torch
+    except ImportError:
+        raise RuntimeUnavailable("the litert runtime converts models with litert-torch: "
+                                 "pip install litert-torch") from None
+    # litert-torch reports its conversion stages on stdout; keep our command's output clean.
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        litert_torch.convert(model.eval(), (x,)).export(str(path))
+    return path
+
+
+RUNTIMES: dict[str, Callable[[], Runtime]] = {
+    "torch": TorchRuntime,
+    "torch-fused": lambda: TorchRuntime(fused=True),
+    "onnxruntime": OnnxRuntime,
+    "litert": LiteRtRuntime,
+}
+
+
+def get_runtime(name: str) -> Runtime:
+    """The runtime called `name`, checked to be installed."""
+    if name not in RUNTIMES:
+        raise LatencyError(f"unknown runtime {name!r}; expected one of {sorted(RUNTIMES)}")
+    runtime = RUNTIMES[name]()
+    try:
+        importlib.import_module(runtime.package)
+    except ImportError:
+        raise RuntimeUnavailable(f"runtime {name!r} needs the {runtime.package} package: "
+                                 f"{runtime.install}") from None
+    return runtime
