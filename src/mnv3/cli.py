@@ -167,6 +167,52 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _space_from_args(args: argparse.Namespace):
+    from mnv3.presets import resolve_arch
+    from mnv3.space import SearchSpace
+
+    return SearchSpace(resolve_arch(args.space, None, args.resolution))
+
+
+def cmd_lut_build(args: argparse.Namespace) -> int:
+    from mnv3.latency import check_threads, get_runtime
+    from mnv3.latency.lut import build_table
+    from mnv3.latency.table import LatencyTable
+
+    runtime = get_runtime(args.runtime)
+    threads = check_threads(args.threads)
+    space = _space_from_args(args)
+    table = LatencyTable(args.db)
+    summary = build_table(space, runtime, table, threads=threads, calibration_networks=args.calibrate,
+                          progress=not args.no_progress)
+    cal = summary["calibration"]
+    print(f"table {table.url}: {summary['entries']} entries ({summary['measured']} measured now); "
+          f"calibration measured = {cal['a']:.3f} x sum + {cal['b']:.3f} ms ({cal['n']} networks)")
+    if args.json:
+        print(json.dumps({**summary, "space": space.key(), "db": table.url}))
+    return 0
+
+
+def cmd_lut_validate(args: argparse.Namespace) -> int:
+    from mnv3.latency import check_threads, get_runtime
+    from mnv3.latency.lut import scatter_plot, validate
+    from mnv3.latency.table import LatencyTable
+
+    runtime = get_runtime(args.runtime)
+    threads = check_threads(args.threads)
+    space = _space_from_args(args)
+    table = LatencyTable(args.db)
+    stats, points = validate(space, runtime, table, n=args.n, threads=threads, progress=not args.no_progress)
+    print(f"{stats['n']} random networks of {space.key()} on {runtime.name}: MAPE {stats['mape']:.1%}, "
+          f"RMSE {stats['rmse_ms']:.3f} ms, within ±5% {stats['within_5']:.0%}, within ±10% {stats['within_10']:.0%}")
+    plot = args.plot or f"lut-validate-{runtime.name}.png"
+    scatter_plot(points, plot, f"{space.key()} on {runtime.name}: {stats['within_10']:.0%} within ±10%")
+    print(f"scatter plot written to {plot}")
+    if args.json:
+        print(json.dumps(stats))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mnv3", description="MobileNetV3 networks, search on your own device, and deployment.",
@@ -235,6 +281,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="end with one JSON line: results [{arch, runtime, median_ms, ...}]")
     p.set_defaults(func=cmd_bench)
+
+    lut = sub.add_parser("lut", help="per-block latency lookup tables and the latency predictor",
+                         description="Latency lookup tables for a search space on a runtime, stored in a "
+                                     "database (SQLite file by default, or a PostgreSQL URL shared by "
+                                     "several machines).")
+    lut_sub = lut.add_subparsers(dest="lut_command", metavar="COMMAND", required=True)
+    for name, func, text in (("build", cmd_lut_build, ("measure every block configuration of the space "
+                                                      "(resumes where an interrupted build stopped)")),
+                             ("validate", cmd_lut_validate, "predicted vs measured latency of random networks")):
+        q = lut_sub.add_parser(name, help=text, description=text)
+        q.add_argument("--runtime", required=True, help="torch, torch-fused, onnxruntime or litert")
+        q.add_argument("--space", default="mobilenet_v3_large", metavar="SEED",
+                       help="seed of the search space: preset or spec JSON (default mobilenet_v3_large)")
+        q.add_argument("--resolution", type=int, default=None, help="input resolution (default: the seed's)")
+        q.add_argument("--db", default=None, metavar="URL", help="table database (default sqlite:///mnv3-lut.sqlite)")
+        q.add_argument("--threads", type=int, default=1)
+        q.add_argument("--no-progress", action="store_true")
+        q.add_argument("--json", action="store_true", help="end with one JSON line of the results")
+        if name == "build":
+            q.add_argument("--calibrate", type=int, default=12, metavar="N",
+                           help="random networks measured end to end to fit the calibration (default 12)")
+        else:
+            q.add_argument("--n", type=int, required=True, help="random networks to measure end to end")
+            q.add_argument("--plot", metavar="PNG", help="scatter plot file (default lut-validate-RUNTIME.png)")
+        q.set_defaults(func=func)
     return parser
 
 

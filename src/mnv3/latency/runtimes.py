@@ -88,12 +88,17 @@ def latency_model(spec_or_model: ArchSpec | nn.Module, batch: int = 1) -> nn.Mod
     return spec_or_model.eval()
 
 
-def _resolution(model: nn.Module, resolution: int | None) -> int:
-    if resolution is not None:
-        return resolution
-    if isinstance(model, MobileNet):
-        return model.spec.resolution
-    raise LatencyError("resolution: required for a model that carries no spec")
+def _example_input(model: nn.Module, batch: int, resolution: int | None,
+                   input_shape: tuple[int, ...] | None) -> torch.Tensor:
+    """The fixed input a session runs on: `input_shape` as given (a single block, say), else an
+    image batch at `resolution` or the model's own."""
+    if input_shape is not None:
+        return torch.randn(*input_shape)
+    if resolution is None:
+        if not isinstance(model, MobileNet):
+            raise LatencyError("resolution: required for a model that carries no spec")
+        resolution = model.spec.resolution
+    return torch.randn(batch, 3, resolution, resolution)
 
 
 class Runtime:
@@ -111,7 +116,8 @@ class Runtime:
                            resolution)
 
     def session(self, spec_or_model: ArchSpec | nn.Module, *, threads: int = 1, batch: int = 1,
-                resolution: int | None = None) -> Callable[[], object]:
+                resolution: int | None = None, input_shape: tuple[int, ...] | None = None
+                ) -> Callable[[], object]:
         raise NotImplementedError
 
 
@@ -125,13 +131,12 @@ class TorchRuntime(Runtime):
         self.fused = fused
         self.name = "torch-fused" if fused else "torch"
 
-    def session(self, spec_or_model, *, threads=1, batch=1, resolution=None):
+    def session(self, spec_or_model, *, threads=1, batch=1, resolution=None, input_shape=None):
         model = latency_model(spec_or_model, batch)
         if self.fused and isinstance(model, MobileNet):
             model.fuse()
-        res = _resolution(model, resolution)
         torch.set_num_threads(check_threads(threads))
-        x = torch.randn(batch, 3, res, res)
+        x = _example_input(model, batch, resolution, input_shape)
 
         def run() -> object:
             with torch.inference_mode():
@@ -145,23 +150,28 @@ class OnnxRuntime(Runtime):
     name = package = "onnxruntime"
     install = "pip install onnxruntime onnx"
 
-    def session(self, spec_or_model, *, threads=1, batch=1, resolution=None):
-        import numpy as np
-        import onnxruntime as ort
+    def session(self, spec_or_model, *, threads=1, batch=1, resolution=None, input_shape=None):
 
         model = latency_model(spec_or_model, batch)
-        res = _resolution(model, resolution)
-        x = torch.randn(batch, 3, res, res)
+        x = _example_input(model, batch, resolution, input_shape)
         with tempfile.TemporaryDirectory(prefix="mnv3-onnx-") as tmp:
             path = Path(tmp) / "model.onnx"
             export_onnx(model, x, path)
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = check_threads(threads)
-            options.inter_op_num_threads = 1
-            options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        feed = {sess.get_inputs()[0].name: np.ascontiguousarray(x.numpy())}
+            return self.session_from_onnx(path.read_bytes(), x.numpy(), threads)
+
+    def session_from_onnx(self, onnx_bytes: bytes, x, threads: int = 1) -> Callable[[], object]:
+        """A session on an ONNX model already exported (the lookup-table builder exports many blocks
+        at once and cuts them apart)."""
+        import numpy as np
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = check_threads(threads)
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        sess = ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
+        feed = {sess.get_inputs()[0].name: np.ascontiguousarray(x, dtype=np.float32)}
 
         def run() -> object:
             return sess.run(None, feed)
@@ -183,12 +193,11 @@ class LiteRtRuntime(Runtime):
         except PackageNotFoundError:
             return "unknown"
 
-    def session(self, spec_or_model, *, threads=1, batch=1, resolution=None):
+    def session(self, spec_or_model, *, threads=1, batch=1, resolution=None, input_shape=None):
         from ai_edge_litert.interpreter import Interpreter
 
         model = latency_model(spec_or_model, batch)
-        res = _resolution(model, resolution)
-        x = torch.randn(batch, 3, res, res)
+        x = _example_input(model, batch, resolution, input_shape)
         check_threads(threads)
         with tempfile.TemporaryDirectory(prefix="mnv3-litert-") as tmp:
             path = Path(tmp) / "model.tflite"
@@ -203,15 +212,18 @@ class LiteRtRuntime(Runtime):
         return run
 
 
-def export_onnx(model: nn.Module, x: torch.Tensor, path: Path) -> Path:
-    """ONNX file of `model` at the input shape of `x` (TorchScript exporter: fast and lean graphs;
+def export_onnx(model: nn.Module, x: torch.Tensor | tuple[torch.Tensor, ...], path: Path,
+                input_names: list[str] | None = None, output_names: list[str] | None = None) -> Path:
+    """ONNX file of `model` at the input shape(s) of `x` (TorchScript exporter: fast and lean graphs;
     the dynamo exporter when that one is gone)."""
-    with warnings.catch_warnings():
+    args = x if isinstance(x, tuple) else (x,)
+    names = {"input_names": input_names, "output_names": output_names}
+    with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         try:
-            torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=17)
+            torch.onnx.export(model, args, str(path), dynamo=False, opset_version=17, **names)
         except (TypeError, RuntimeError, ImportError):
-            torch.onnx.export(model, (x,), str(path), dynamo=True)
+            torch.onnx.export(model, args, str(path), dynamo=True, **names)
     return path
 
 

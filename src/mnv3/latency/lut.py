@@ -1,0 +1,268 @@
+"""Per-block latency lookup tables for a search space, and the predictor built on them.
+
+Every part a network of the space can contain (stem, each block configuration at its input size,
+head with pooling and classifier) is measured alone on the runtime; a network's prediction is the
+sum of its parts, passed through a linear calibration fitted on end-to-end measurements of random
+networks from the same space (the sum misses what joins the parts: memory traffic between them,
+per-inference overhead).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from mnv3.arch import ArchSpec
+from mnv3.latency.protocol import MIN_RUNS, DriftGuard, Timing, measure, measure_all
+from mnv3.latency.runtimes import LatencyError, OnnxRuntime, Runtime, export_onnx
+from mnv3.latency.table import LatencyTable
+from mnv3.nn.layers import ConvBNAct, InvertedResidual, activation
+from mnv3.space import BlockEntry, SearchSpace
+
+NUM_CLASSES = 1000
+
+
+class Head(nn.Module):
+    """Last 1x1 conv, global pool, pre-logits and classifier: the network after its last block."""
+
+    def __init__(self, spec: ArchSpec, cin: int) -> None:
+        super().__init__()
+        h = spec.head
+        self.last_conv = ConvBNAct(cin, h.last_conv, 1, act=h.activation, eps=spec.bn_eps)
+        self.pre = nn.Sequential(nn.Linear(h.last_conv, h.pre_logits), activation(h.activation)) \
+            if h.pre_logits else nn.Identity()
+        self.classifier = nn.Linear(h.pre_logits or h.last_conv, NUM_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.pre(self.last_conv(x).mean((2, 3))))
+
+
+@dataclass(frozen=True)
+class Part:
+    """One measurable piece of a network: its table key, a module and its input shape."""
+
+    key: str
+    make: Callable[[], nn.Module]
+    input_shape: tuple[int, ...]
+
+
+def _size_after(size: int, stride: int) -> int:
+    return -(-size // stride)
+
+
+def network_parts(spec: ArchSpec, batch: int = 1) -> list[Part]:
+    """The parts of `spec` in order: stem, blocks, head."""
+    same = spec.padding == "same"
+    stem = spec.stem
+    res = spec.resolution
+    parts = [Part(f"stem:r{res}:o{stem.out}:k{stem.kernel}:st{stem.stride}:{stem.activation}:{spec.padding}",
+                  lambda: ConvBNAct(spec.in_channels, stem.out, stem.kernel, stem.stride, act=stem.activation,
+                                    same=same, eps=spec.bn_eps),
+                  (batch, spec.in_channels, res, res))]
+    size = _size_after(res, stem.stride)
+    for cin, block in zip(spec.block_inputs(), spec.blocks):
+        entry = BlockEntry(size, cin, block)
+        parts.append(Part(entry.key() + f":{spec.padding}:{spec.se_gate}",
+                          lambda cin=cin, block=block: InvertedResidual(cin, block, same=same, se_gate=spec.se_gate,
+                                                                        eps=spec.bn_eps),
+                          (batch, cin, size, size)))
+        size = _size_after(size, block.stride)
+    cin, h = spec.blocks[-1].out, spec.head
+    parts.append(Part(f"head:s{size}:i{cin}:l{h.last_conv}:p{h.pre_logits}:{h.activation}:n{NUM_CLASSES}",
+                      lambda: Head(spec, cin), (batch, cin, size, size)))
+    return parts
+
+
+def space_parts(space: SearchSpace, batch: int = 1) -> list[Part]:
+    """Every distinct part any network of the space contains."""
+    seed = space.seed
+    parts = {p.key: p for p in network_parts(seed, batch)[:1]}            # the stem is fixed
+    for entry in space.block_entries():
+        part = Part(entry.key() + f":{seed.padding}:{seed.se_gate}",
+                    lambda e=entry: InvertedResidual(e.cin, e.block, same=seed.padding == "same",
+                                                     se_gate=seed.se_gate, eps=seed.bn_eps),
+                    (batch, entry.cin, entry.input_size, entry.input_size))
+        parts.setdefault(part.key, part)
+    for width in space.last_widths():      # one head per width of the last stage
+        last = dataclasses.replace(seed.blocks[-1], out=width)
+        probe = seed.replace(blocks=seed.blocks[:-1] + (last,), head=space.head_for(width))
+        head = network_parts(probe, batch)[-1]
+        parts.setdefault(head.key, head)
+    return list(parts.values())
+
+
+def _environment_key(runtime: Runtime, threads: int, batch: int, space: SearchSpace) -> str:
+    return runtime.environment(threads, batch, space.seed.resolution).key()
+
+
+class _Parallel(nn.Module):
+    def __init__(self, modules: list[nn.Module]) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(modules)
+
+    def forward(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(m(x) for m, x in zip(self.parts, xs))
+
+
+def _sessions(runtime: Runtime, parts: list[Part], threads: int) -> list[Callable[[], object]]:
+    """Ready sessions for a chunk of parts. ONNX Runtime: one export for the whole chunk, cut into
+    one model per part (tracing dominates the cost, so sharing it is what makes tables fast)."""
+    modules = [p.make().eval() for p in parts]
+    if isinstance(runtime, OnnxRuntime):
+        import tempfile
+        from pathlib import Path
+
+        import onnx
+        from onnx.utils import Extractor
+
+        xs = tuple(torch.randn(*p.input_shape) for p in parts)
+        with tempfile.TemporaryDirectory(prefix="mnv3-lut-") as tmp:
+            path = Path(tmp) / "chunk.onnx"
+            names_in = [f"in{i}" for i in range(len(parts))]
+            names_out = [f"out{i}" for i in range(len(parts))]
+            export_onnx(_Parallel(modules).eval(), xs, path, input_names=names_in, output_names=names_out)
+            extractor = Extractor(onnx.load(str(path)))
+        return [runtime.session_from_onnx(extractor.extract_model([i], [o]).SerializeToString(),
+                                          x.numpy(), threads)
+                for i, o, x in zip(names_in, names_out, xs)]
+    return [runtime.session(m, threads=threads, input_shape=p.input_shape) for m, p in zip(modules, parts)]
+
+
+def build_table(space: SearchSpace, runtime: Runtime, table: LatencyTable, *, threads: int = 1,
+                batch: int = 1, chunk: int = 48, runs: int = MIN_RUNS, calibration_networks: int = 12,
+                progress: bool = True, log: Callable[[str], None] = print) -> dict:
+    """Measure every missing part of the space (resuming from what the table holds), then fit the
+    calibration on end-to-end measurements. Returns a summary."""
+    from tqdm import tqdm
+
+    env = _environment_key(runtime, threads, batch, space)
+    parts = space_parts(space, batch)
+    have = table.get(env, [p.key for p in parts])
+    todo = [p for p in parts if p.key not in have]
+    log(f"{len(parts)} table entries for space {space.key()} on {env}: {len(have)} already measured, "
+        f"{len(todo)} to go")
+    guard = None
+    if todo:
+        reference = _sessions(runtime, network_parts(space.seed, batch)[1:2], threads)[0]
+        guard = DriftGuard(reference, runs=runs)
+    bar = tqdm(total=len(todo), unit="entry", desc="lut build", disable=not progress, file=sys.stderr)
+    for start in range(0, len(todo), chunk):
+        group = todo[start:start + chunk]
+        sessions = _sessions(runtime, group, threads)
+        timings = measure_all(sessions, guard, runs=runs, check_every=16,
+                              on_result=lambda i, t: bar.update())
+        table.put(env, [(p.key, t) for p, t in zip(group, timings)])   # committed: resumable
+    bar.close()
+    calibration = table.calibration(env, space.key())
+    if calibration is None or todo:
+        calibration = calibrate(space, runtime, table, threads=threads, batch=batch,
+                                n=calibration_networks, runs=runs, progress=progress)
+    return {"env": env, "entries": len(parts), "measured": len(todo), "calibration": calibration,
+            "drifts": guard.drifts if guard else 0}
+
+
+def _sum_of_parts(spec: ArchSpec, entries: dict[str, Timing], batch: int) -> float:
+    keys = [p.key for p in network_parts(spec, batch)]
+    missing = [k for k in keys if k not in entries]
+    if missing:
+        raise LatencyError(f"{len(missing)} part(s) of {spec.name} are not in the table, e.g. {missing[0]}; "
+                           "build the table for the space this network comes from (mnv3 lut build)")
+    return sum(entries[k].median_ms for k in keys)
+
+
+def _measure_networks(specs: list[ArchSpec], runtime: Runtime, threads: int, batch: int, runs: int,
+                      progress: bool, desc: str) -> list[float]:
+    from tqdm import tqdm
+
+    out = []
+    for spec in tqdm(specs, desc=desc, unit="net", disable=not progress, file=sys.stderr):
+        out.append(measure(runtime.session(spec, threads=threads, batch=batch), runs).median_ms)
+    return out
+
+
+def calibrate(space: SearchSpace, runtime: Runtime, table: LatencyTable, *, threads: int = 1,
+              batch: int = 1, n: int = 12, runs: int = MIN_RUNS, seed: int = 1234,
+              progress: bool = True) -> dict:
+    """Fit measured = a * sum_of_parts + b on `n` random networks of the space and store it."""
+    env = _environment_key(runtime, threads, batch, space)
+    entries = table.get(env)
+    rng = random.Random(seed)
+    specs = [space.sample(rng) for _ in range(n)]
+    sums = np.array([_sum_of_parts(s, entries, batch) for s in specs])
+    measured = np.array(_measure_networks(specs, runtime, threads, batch, runs, progress, "calibrate"))
+    a, b = np.polyfit(sums, measured, 1) if n >= 2 else (measured[0] / sums[0], 0.0)
+    data = {"a": float(a), "b": float(b), "n": n, "seed": seed}
+    table.set_calibration(env, space.key(), data)
+    return data
+
+
+class Predictor:
+    """Latency of any network of the space: calibrated sum of its table entries."""
+
+    def __init__(self, space: SearchSpace, runtime: Runtime, table: LatencyTable, *, threads: int = 1,
+                 batch: int = 1) -> None:
+        self.env = _environment_key(runtime, threads, batch, space)
+        self.entries = table.get(self.env)
+        if not self.entries:
+            raise LatencyError(f"the table at {table.url} has no entries for {self.env}; "
+                               "run mnv3 lut build with the same runtime, threads and batch first")
+        self.calibration = table.calibration(self.env, space.key()) or {"a": 1.0, "b": 0.0}
+        self.batch = batch
+
+    def sum_of_parts(self, spec: ArchSpec) -> float:
+        return _sum_of_parts(spec, self.entries, self.batch)
+
+    def predict(self, spec: ArchSpec) -> float:
+        return self.calibration["a"] * self.sum_of_parts(spec) + self.calibration["b"]
+
+
+def validate(space: SearchSpace, runtime: Runtime, table: LatencyTable, *, n: int, threads: int = 1,
+             batch: int = 1, runs: int = MIN_RUNS, seed: int = 7, progress: bool = True
+             ) -> tuple[dict, list[tuple[str, float, float]]]:
+    """Measure `n` random networks end to end (other samples than the calibration's) and compare with
+    the prediction. Returns the statistics and (name, predicted, measured) per network."""
+    if n < 1:
+        raise LatencyError(f"--n: need at least one network to validate, got {n}")
+    predictor = Predictor(space, runtime, table, threads=threads, batch=batch)
+    rng = random.Random(seed)
+    specs = [space.sample(rng) for _ in range(n)]
+    predicted = np.array([predictor.predict(s) for s in specs])
+    measured = np.array(_measure_networks(specs, runtime, threads, batch, runs, progress, "validate"))
+    err = (predicted - measured) / measured
+    stats = {"n": n, "mape": float(np.mean(np.abs(err))), "rmse_ms": float(np.sqrt(np.mean((predicted - measured) ** 2))),
+             "within_5": float(np.mean(np.abs(err) <= 0.05)), "within_10": float(np.mean(np.abs(err) <= 0.10))}
+    names = [f"{s.name}#{i}" for i, s in enumerate(specs)]
+    return stats, list(zip(names, predicted.tolist(), measured.tolist()))
+
+
+def scatter_plot(points: list[tuple[str, float, float]], path, title: str) -> None:
+    """Predicted against measured latency, with the ±10% band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mnv3.files import atomic_write
+
+    pred = [p for _, p, _ in points]
+    meas = [m for _, _, m in points]
+    lo, hi = min(pred + meas) * 0.9, max(pred + meas) * 1.1
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([lo, hi], [lo, hi], color="black", lw=1, label="exact")
+    ax.fill_between([lo, hi], [lo * 0.9, hi * 0.9], [lo * 1.1, hi * 1.1], color="tab:green", alpha=0.15,
+                    label="±10%")
+    ax.scatter(meas, pred, s=14, color="tab:blue")
+    ax.set_xlabel("measured latency (ms)")
+    ax.set_ylabel("predicted latency (ms)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
