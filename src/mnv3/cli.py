@@ -126,13 +126,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from mnv3.complexity import count
     from mnv3.files import atomic_write_csv
-    from mnv3.latency import DriftGuard, check_threads, get_runtime, measure_all
+    from mnv3.latency import MIN_RUNS, DriftGuard, LatencyError, check_threads, get_runtime, measure_all
     from mnv3.presets import resolve_arch
 
     runtime = get_runtime(args.runtime)
     threads = check_threads(args.threads)
     if args.batch < 1:
         raise SpecError(f"--batch: expected at least 1, got {args.batch}")
+    if args.runs < MIN_RUNS:      # before any (slow) conversion
+        raise LatencyError(f"--runs: the protocol times at least {MIN_RUNS} runs, got {args.runs}")
     specs = [resolve_arch(a, args.width, args.resolution) for a in args.archs]
     env = runtime.environment(threads, args.batch, specs[0].resolution)
     print(f"{env.runtime} {env.runtime_version} on {env.cpu} ({env.cores} cores), {threads} thread(s), "

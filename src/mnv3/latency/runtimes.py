@@ -5,6 +5,7 @@ ready-to-call session itself; a runtime whose package is missing says how to ins
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 import io
 import os
@@ -82,7 +83,8 @@ def latency_model(spec_or_model: ArchSpec | nn.Module, batch: int = 1) -> nn.Mod
         with torch.no_grad():
             for bn in bns:
                 bn.momentum = None      # cumulative average: one batch sets the statistics
-            model.train()(torch.randn(max(2, batch), spec_or_model.in_channels, res, res,
+            # 16 images: at low resolution the last maps are 1x1, and fewer samples give wild statistics.
+            model.train()(torch.randn(max(16, batch), spec_or_model.in_channels, res, res,
                                       generator=torch.Generator().manual_seed(0)))
         return model.eval()
     return spec_or_model.eval()
@@ -94,11 +96,11 @@ def _example_input(model: nn.Module, batch: int, resolution: int | None,
     image batch at `resolution` or the model's own."""
     if input_shape is not None:
         return torch.randn(*input_shape)
-    if resolution is None:
-        if not isinstance(model, MobileNet):
-            raise LatencyError("resolution: required for a model that carries no spec")
-        resolution = model.spec.resolution
-    return torch.randn(batch, 3, resolution, resolution)
+    if resolution is None and not isinstance(model, MobileNet):
+        raise LatencyError("resolution: required for a model that carries no spec")
+    channels = model.spec.in_channels if isinstance(model, MobileNet) else 3
+    resolution = resolution or model.spec.resolution
+    return torch.randn(batch, channels, resolution, resolution)
 
 
 class Runtime:
@@ -132,13 +134,14 @@ class TorchRuntime(Runtime):
         self.name = "torch-fused" if fused else "torch"
 
     def session(self, spec_or_model, *, threads=1, batch=1, resolution=None, input_shape=None):
+        check_threads(threads)
         model = latency_model(spec_or_model, batch)
         if self.fused and isinstance(model, MobileNet):
-            model.fuse()
-        torch.set_num_threads(check_threads(threads))
+            model = copy.deepcopy(model).fuse()     # never change the caller's model
         x = _example_input(model, batch, resolution, input_shape)
 
         def run() -> object:
+            torch.set_num_threads(threads)          # per call: sessions of other thread counts may exist
             with torch.inference_mode():
                 return model(x)
         return run
@@ -222,7 +225,7 @@ def export_onnx(model: nn.Module, x: torch.Tensor | tuple[torch.Tensor, ...], pa
         warnings.simplefilter("ignore")
         try:
             torch.onnx.export(model, args, str(path), dynamo=False, opset_version=17, **names)
-        except (TypeError, RuntimeError, ImportError):
+        except (TypeError, ImportError):     # the TorchScript exporter is gone from this torch
             torch.onnx.export(model, args, str(path), dynamo=True, **names)
     return path
 
