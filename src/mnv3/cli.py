@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from mnv3.arch import SpecError
 
@@ -170,14 +171,31 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _space_from_args(args: argparse.Namespace):
+    """--space: a seed (preset or spec JSON) with the default choices, or a whole space JSON
+    (`SearchSpace.to_dict()`: a "seed" spec and the choice lists)."""
     from mnv3.presets import resolve_arch
     from mnv3.space import SearchSpace
 
+    path = Path(args.space)
+    if path.suffix == ".json" and path.is_file():
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise SpecError(f"{path}: not valid JSON ({exc})") from None
+        if isinstance(data, dict) and "seed" in data:
+            try:
+                space = SearchSpace.from_dict(data)
+            except TypeError as exc:
+                raise SpecError(f"{path}: not a search space ({exc})") from None
+            if args.resolution and args.resolution != space.seed.resolution:
+                space = SearchSpace.from_dict({**data, "seed": space.seed.replace(
+                    resolution=args.resolution).to_dict()})
+            return space
     return SearchSpace(resolve_arch(args.space, None, args.resolution))
 
 
 def cmd_lut_build(args: argparse.Namespace) -> int:
-    from mnv3.latency import check_threads, get_runtime
+    from mnv3.latency import LatencyError, check_threads, get_runtime
     from mnv3.latency.lut import build_table
     from mnv3.latency.table import LatencyTable
 
@@ -185,8 +203,10 @@ def cmd_lut_build(args: argparse.Namespace) -> int:
     threads = check_threads(args.threads)
     space = _space_from_args(args)
     table = LatencyTable(args.db)
+    if args.chunk < 1 or args.calibrate < 2:
+        raise LatencyError("--chunk must be at least 1 and --calibrate at least 2")
     summary = build_table(space, runtime, table, threads=threads, calibration_networks=args.calibrate,
-                          progress=not args.no_progress)
+                          chunk=args.chunk, progress=not args.no_progress)
     cal = summary["calibration"]
     print(f"table {table.url}: {summary['entries']} entries ({summary['measured']} measured now); "
           f"calibration measured = {cal['a']:.3f} x sum + {cal['b']:.3f} ms ({cal['n']} networks)")
@@ -295,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
         q = lut_sub.add_parser(name, help=text, description=text)
         q.add_argument("--runtime", required=True, help="torch, torch-fused, onnxruntime or litert")
         q.add_argument("--space", default="mobilenet_v3_large", metavar="SEED",
-                       help="seed of the search space: preset or spec JSON (default mobilenet_v3_large)")
+                       help="the search space: a seed (preset or spec JSON) with the default choices, "
+                            "or a space JSON (default mobilenet_v3_large)")
         q.add_argument("--resolution", type=int, default=None, help="input resolution (default: the seed's)")
         q.add_argument("--db", default=None, metavar="URL", help="table database (default sqlite:///mnv3-lut.sqlite)")
         q.add_argument("--threads", type=int, default=1)
@@ -304,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "build":
             q.add_argument("--calibrate", type=int, default=12, metavar="N",
                            help="random networks measured end to end to fit the calibration (default 12)")
+            q.add_argument("--chunk", type=int, default=48, metavar="N",
+                           help="entries converted together and committed together (default 48)")
         else:
             q.add_argument("--n", type=int, required=True, help="random networks to measure end to end")
             q.add_argument("--plot", metavar="PNG", help="scatter plot file (default lut-validate-RUNTIME.png)")

@@ -1,0 +1,175 @@
+"""Search space, latency lookup tables, resume after a killed build, predictor and `mnv3 lut`."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import mnv3
+from mnv3.cli import main
+from mnv3.latency import LatencyError, get_runtime
+from mnv3.latency.lut import Predictor, build_table, network_parts, space_parts
+from mnv3.latency.table import LatencyTable
+from mnv3.space import SearchSpace
+
+
+def tiny_space(**choices) -> SearchSpace:
+    seed = mnv3.preset("mobilenet_v3_small", width=0.35, resolution=32)
+    defaults = dict(kernels=(3, 5), expansion_ratios=(3.0,), se=(False, True), activations=("relu",),
+                    widths=(1.0,), depth_deltas=(0,))
+    return SearchSpace(seed, **{**defaults, **choices})
+
+
+# -- the space ------------------------------------------------------------------------------------
+
+def test_default_space_around_large():
+    space = SearchSpace(mnv3.preset("mobilenet_v3_large"))
+    stages = space.stages()
+    assert [(s.out, s.depth, s.stride) for s in stages] == [
+        (16, 1, 1), (24, 2, 2), (40, 3, 2), (80, 4, 2), (112, 2, 1), (160, 3, 2)]
+    assert [s.input_size for s in stages] == [112, 112, 56, 28, 14, 14]
+    entries = space.block_entries()
+    assert len(entries) == len({e.key() for e in entries}) > 1000
+    assert {e.block.kernel for e in entries} == {3, 5, 7}
+    assert space.size() > 10 ** 20
+
+
+def test_every_sampled_network_is_covered_by_the_table_parts():
+    space = SearchSpace(mnv3.preset("mobilenet_v3_small", resolution=96))
+    keys = {p.key for p in space_parts(space)}
+    rng = random.Random(0)
+    for _ in range(25):
+        spec = space.sample(rng)
+        spec.validate()
+        assert {p.key for p in network_parts(spec)} <= keys
+
+
+def test_space_round_trip_and_errors():
+    space = tiny_space()
+    again = SearchSpace.from_dict(json.loads(json.dumps(space.to_dict())))
+    assert again == space and again.key() == space.key()
+    assert tiny_space(kernels=(3,)).key() != space.key()
+    with pytest.raises(mnv3.SpecError, match="kernels"):
+        tiny_space(kernels=(4,))
+    with pytest.raises(mnv3.SpecError, match="activations"):
+        tiny_space(activations=("gelu",))
+    with pytest.raises(mnv3.SpecError, match="dilated"):
+        SearchSpace(mnv3.with_output_stride(mnv3.preset("mobilenet_v3_small"), 16))
+
+
+# -- tables and the predictor ---------------------------------------------------------------------
+
+def test_build_lookup_resume_and_predict(tmp_path):
+    space = tiny_space()
+    runtime = get_runtime("onnxruntime")
+    table = LatencyTable(f"sqlite:///{tmp_path / 'lut.sqlite'}")
+    first = build_table(space, runtime, table, chunk=8, calibration_networks=3, progress=False, log=lambda s: None)
+    parts = space_parts(space)
+    assert first["entries"] == len(parts) and first["measured"] == len(parts)
+    stored = table.get(first["env"])
+    assert set(stored) == {p.key for p in parts}
+    assert all(t.runs >= 50 and t.p10_ms <= t.median_ms <= t.p90_ms for t in stored.values())
+
+    again = build_table(space, runtime, table, progress=False, log=lambda s: None)
+    assert again["measured"] == 0 and table.get(first["env"]) == stored      # nothing re-measured
+
+    predictor = Predictor(space, runtime, table)
+    spec = space.sample(random.Random(3))
+    total = sum(stored[p.key].median_ms for p in network_parts(spec))
+    assert predictor.sum_of_parts(spec) == pytest.approx(total)
+    cal = predictor.calibration
+    assert predictor.predict(spec) == pytest.approx(cal["a"] * total + cal["b"])
+    assert predictor.predict(spec) > 0
+
+    outside = mnv3.preset("mobilenet_v3_small", width=0.35, resolution=32).replace(
+        blocks=(mnv3.BlockSpec(7, 64, 16, None, "hswish", 2),) + space.seed.blocks[1:])
+    with pytest.raises(LatencyError, match="not in the table"):
+        predictor.predict(outside)
+    with pytest.raises(LatencyError, match="no entries"):
+        Predictor(space, get_runtime("torch"), table)
+
+
+def test_bad_database_urls(tmp_path):
+    with pytest.raises(LatencyError, match="cannot open"):
+        LatencyTable("postgresql+psycopg://nobody@127.0.0.1:1/none")
+    with pytest.raises(LatencyError, match="not a database URL"):
+        LatencyTable("no-such-scheme")
+    with pytest.raises(LatencyError, match="cannot open"):
+        LatencyTable(f"sqlite:///{tmp_path / 'missing-dir' / 'x.sqlite'}")
+
+
+# -- the command, killed and resumed ----------------------------------------------------------------
+
+def _count(db: Path) -> int:
+    try:
+        with sqlite3.connect(db) as conn:
+            return conn.execute("select count(*) from latency_entries").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+def test_lut_build_killed_then_resumed(tmp_path, capsys):
+    space = tiny_space(kernels=(3, 5, 7), expansion_ratios=(3.0, 6.0))
+    space_file = tmp_path / "space.json"
+    space_file.write_text(json.dumps(space.to_dict()))
+    db = tmp_path / "lut.sqlite"
+    args = ["lut", "build", "--runtime", "onnxruntime", "--space", str(space_file), "--db", f"sqlite:///{db}",
+            "--chunk", "4", "--calibrate", "3", "--no-progress"]
+    total = len(space_parts(space))
+    proc = subprocess.Popen([sys.executable, "-m", "mnv3", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 120
+    while _count(db) < 8 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = _count(db)
+    assert 0 < done < total, "the build should have been killed midway"
+    with sqlite3.connect(db) as conn:
+        before = dict(conn.execute("select key, measured_at from latency_entries").fetchall())
+
+    assert main([*args, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["entries"] == total and out["measured"] == total - done
+    with sqlite3.connect(db) as conn:
+        after = dict(conn.execute("select key, measured_at from latency_entries").fetchall())
+    assert len(after) == total
+    assert all(after[k] == v for k, v in before.items())        # nothing measured before was lost
+
+    assert main(["lut", "validate", "--runtime", "onnxruntime", "--space", str(space_file),
+                 "--db", f"sqlite:///{db}", "--n", "3", "--plot", str(tmp_path / "v.png"),
+                 "--no-progress", "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(stats) >= {"mape", "within_10", "within_5", "n"} and stats["n"] == 3
+    assert 0 <= stats["within_5"] <= stats["within_10"] <= 1
+    assert (tmp_path / "v.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--runtime", "nope"], "unknown runtime"),
+    (["--runtime", "onnxruntime", "--db", "postgresql+psycopg://nobody@127.0.0.1:1/none"], "cannot open"),
+    (["--runtime", "onnxruntime", "--threads", "0"], "impossible"),
+    (["--runtime", "onnxruntime", "--space", "no_such_net"], "unknown architecture"),
+])
+def test_lut_bad_input(extra, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["lut", "build", "--no-progress", *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_validate_without_table(tmp_path, capsys):
+    space_file = tmp_path / "space.json"
+    space_file.write_text(json.dumps(tiny_space().to_dict()))
+    code = main(["lut", "validate", "--runtime", "onnxruntime", "--space", str(space_file),
+                 "--db", f"sqlite:///{tmp_path / 'empty.sqlite'}", "--n", "2", "--no-progress"])
+    assert code == 2 and "mnv3 lut build" in capsys.readouterr().err
