@@ -173,3 +173,49 @@ def test_validate_without_table(tmp_path, capsys):
     code = main(["lut", "validate", "--runtime", "onnxruntime", "--space", str(space_file),
                  "--db", f"sqlite:///{tmp_path / 'empty.sqlite'}", "--n", "2", "--no-progress"])
     assert code == 2 and "mnv3 lut build" in capsys.readouterr().err
+
+
+# -- LiteRT entries written directly as TFLite graphs ---------------------------------------------
+
+def _ops(data: bytes, tmp_path: Path) -> list[str]:
+    from mnv3.weights.tflite_import import _Graph
+
+    path = tmp_path / "g.tflite"
+    path.write_bytes(data)
+    return [kind for kind, _, _ in _Graph(path).ops]
+
+
+def test_tflite_writer_lays_out_blocks(tmp_path):
+    import numpy as np
+    from ai_edge_litert.interpreter import Interpreter
+
+    from mnv3.latency.tflite_writer import block_tflite, head_tflite, stem_tflite
+
+    se_block = mnv3.BlockSpec(5, 120, 40, 32, "hswish", 1)
+    data = block_tflite(40, 14, se_block)
+    ops = _ops(data, tmp_path)
+    assert ops.count("CONV_2D") == 4 and ops.count("DEPTHWISE_CONV_2D") == 1     # expand, SE x2, project
+    assert ops.count("HARD_SWISH") == 2 and "MEAN" in ops and ops.count("MUL") == 2 and ops[-1] == "ADD"
+    plain = _ops(block_tflite(16, 28, mnv3.BlockSpec(3, 16, 24, None, "relu", 2)), tmp_path)
+    assert plain == ["DEPTHWISE_CONV_2D", "CONV_2D"]          # no expansion, no SE, no residual
+    spec = mnv3.preset("mobilenet_v3_small", resolution=64)
+    for graph, shape in ((data, (1, 14, 14, 40)), (stem_tflite(spec), (1, 32, 32, 16)),
+                         (head_tflite(spec, 96, 2, 1000), (1, 1000))):
+        interpreter = Interpreter(model_content=graph, num_threads=1)
+        interpreter.allocate_tensors()
+        inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+        interpreter.set_tensor(inp["index"], np.ones(inp["shape"], np.float32))
+        interpreter.invoke()
+        assert tuple(interpreter.get_tensor(out["index"]).shape) == shape
+        assert np.isfinite(interpreter.get_tensor(out["index"])).all()
+
+
+def test_litert_table_and_predictor(tmp_path):
+    pytest.importorskip("litert_torch")
+    space = tiny_space(se=(True,), kernels=(3,))
+    runtime = get_runtime("litert")
+    table = LatencyTable(f"sqlite:///{tmp_path / 'lut.sqlite'}")
+    summary = build_table(space, runtime, table, calibration_networks=2, progress=False, log=lambda s: None)
+    assert summary["measured"] == summary["entries"] == len(space_parts(space))
+    prediction = Predictor(space, runtime, table).predict(space.sample(random.Random(0)))
+    assert 0 < prediction < 1000

@@ -206,9 +206,21 @@ class LiteRtRuntime(Runtime):
             path = Path(tmp) / "model.tflite"
             export_tflite(model, x, path)
             interpreter = Interpreter(model_path=str(path), num_threads=threads)
+        return self._ready(interpreter, x.numpy())
+
+    def session_from_tflite(self, data: bytes, threads: int = 1) -> Callable[[], object]:
+        """A session on a TFLite graph given as bytes, fed random input of its own shape."""
+        import numpy as np
+        from ai_edge_litert.interpreter import Interpreter
+
+        interpreter = Interpreter(model_content=data, num_threads=check_threads(threads))
+        shape = interpreter.get_input_details()[0]["shape"]
+        return self._ready(interpreter, np.random.default_rng(0).standard_normal(shape).astype(np.float32))
+
+    @staticmethod
+    def _ready(interpreter, x) -> Callable[[], object]:
         interpreter.allocate_tensors()
-        inp = interpreter.get_input_details()[0]
-        interpreter.set_tensor(inp["index"], x.numpy())
+        interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)
 
         def run() -> object:
             interpreter.invoke()
