@@ -24,8 +24,8 @@ from mnv3.space import SearchSpace
 
 def tiny_space(**choices) -> SearchSpace:
     seed = mnv3.preset("mobilenet_v3_small", width=0.35, resolution=32)
-    defaults = dict(kernels=(3, 5), expansion_ratios=(3.0,), se=(False, True), activations=("relu",),
-                    widths=(1.0,), depth_deltas=(0,))
+    defaults = {"kernels": (3, 5), "expansion_ratios": (3.0,), "se": (False, True), "activations": ("relu",),
+                    "widths": (1.0,), "depth_deltas": (0,)}
     return SearchSpace(seed, **{**defaults, **choices})
 
 
@@ -87,7 +87,8 @@ def test_build_lookup_resume_and_predict(tmp_path):
     total = sum(stored[p.key].median_ms for p in network_parts(spec))
     assert predictor.sum_of_parts(spec) == pytest.approx(total)
     cal = predictor.calibration
-    assert predictor.predict(spec) == pytest.approx(cal["a"] * total + cal["b"])
+    parts = len(spec.blocks) + 2
+    assert predictor.predict(spec) == pytest.approx(cal["a"] * total + cal.get("c", 0.0) * parts + cal["b"])
     assert predictor.predict(spec) > 0
 
     outside = mnv3.preset("mobilenet_v3_small", width=0.35, resolution=32).replace(

@@ -209,7 +209,8 @@ def cmd_lut_build(args: argparse.Namespace) -> int:
                           chunk=args.chunk, progress=not args.no_progress)
     cal = summary["calibration"]
     print(f"table {table.url}: {summary['entries']} entries ({summary['measured']} measured now); "
-          f"calibration measured = {cal['a']:.3f} x sum + {cal['b']:.3f} ms ({cal['n']} networks)")
+          f"calibration measured = {cal['a']:.3f} x sum + {cal.get('c', 0.0):.3f} x parts + {cal['b']:.3f} ms "
+          f"({cal['n']} networks)")
     if args.json:
         print(json.dumps({**summary, "space": space.key(), "db": table.url}))
     return 0

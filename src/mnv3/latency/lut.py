@@ -4,7 +4,7 @@ Every part a network of the space can contain (stem, each block configuration at
 head with pooling and classifier) is measured alone on the runtime; a network's prediction is the
 sum of its parts, passed through a linear calibration fitted on end-to-end measurements of random
 networks from the same space (the sum misses what joins the parts: memory traffic between them,
-per-inference overhead).
+per-inference overhead, which every part measured alone pays once).
 """
 
 from __future__ import annotations
@@ -200,15 +200,22 @@ def _measure_networks(specs: list[ArchSpec], runtime: Runtime, threads: int, bat
 def calibrate(space: SearchSpace, runtime: Runtime, table: LatencyTable, *, threads: int = 1,
               batch: int = 1, n: int = 12, runs: int = MIN_RUNS, seed: int = 1234,
               progress: bool = True) -> dict:
-    """Fit measured = a * sum_of_parts + b on `n` random networks of the space and store it."""
+    """Fit measured = a * sum_of_parts + c * number_of_parts + b on `n` random networks of the space
+    and store it. Each part measured alone carries the runtime's per-call overhead once; a whole
+    network pays it once in all, so the part count is a feature of its own."""
     env = _environment_key(runtime, threads, batch, space)
     entries = table.get(env)
     rng = random.Random(seed)
     specs = [space.sample(rng) for _ in range(n)]
     sums = np.array([_sum_of_parts(s, entries, batch) for s in specs])
+    counts = np.array([len(s.blocks) + 2 for s in specs], dtype=float)
     measured = np.array(_measure_networks(specs, runtime, threads, batch, runs, progress, "calibrate"))
-    a, b = np.polyfit(sums, measured, 1) if n >= 2 else (measured[0] / sums[0], 0.0)
-    data = {"a": float(a), "b": float(b), "n": n, "seed": seed}
+    features = np.stack([sums, counts, np.ones_like(sums)], axis=1)
+    if n < 4 or np.ptp(counts) == 0:     # too few networks, or all of one depth: no count term
+        features = features[:, [0, 2]]
+    coef = np.linalg.lstsq(features, measured, rcond=None)[0]
+    a, c, b = (coef[0], coef[1], coef[2]) if len(coef) == 3 else (coef[0], 0.0, coef[1])
+    data = {"a": float(a), "b": float(b), "c": float(c), "n": n, "seed": seed}
     table.set_calibration(env, space.key(), data)
     return data
 
@@ -230,7 +237,8 @@ class Predictor:
         return _sum_of_parts(spec, self.entries, self.batch)
 
     def predict(self, spec: ArchSpec) -> float:
-        return self.calibration["a"] * self.sum_of_parts(spec) + self.calibration["b"]
+        cal = self.calibration
+        return cal["a"] * self.sum_of_parts(spec) + cal.get("c", 0.0) * (len(spec.blocks) + 2) + cal["b"]
 
 
 def validate(space: SearchSpace, runtime: Runtime, table: LatencyTable, *, n: int, threads: int = 1,
