@@ -35,12 +35,12 @@ def main() -> None:
             results[key].append(measure(fn))
     cpu = next(iter(envs.values())).cpu
     print(f"{cpu}, 1 thread, batch 1, 224x224")
-    print(f"{'runtime':<14}{'version':<12}{'network':<26}{'median ms':>10}{'p10':>9}{'p90':>9}")
+    print(f"{'runtime':<14}{'version':<15}{'network':<26}{'median ms':>10}{'p10':>9}{'p90':>9}")
     rows = []
     for (name, arch), timings in results.items():
         best = sorted(timings, key=lambda t: t.median_ms)[len(timings) // 2]
         env = envs[name]
-        print(f"{name:<14}{env.runtime_version:<12}{arch:<26}{best.median_ms:>10.2f}{best.p10_ms:>9.2f}{best.p90_ms:>9.2f}")
+        print(f"{name:<14}{env.runtime_version:<15}{arch:<26}{best.median_ms:>10.2f}{best.p10_ms:>9.2f}{best.p90_ms:>9.2f}")
         rows.append({"runtime": name, "runtime_version": env.runtime_version, "network": arch,
                      "median_ms": round(best.median_ms, 3), "p10_ms": round(best.p10_ms, 3),
                      "p90_ms": round(best.p90_ms, 3), "cpu": cpu})

@@ -229,7 +229,7 @@ def cmd_lut_validate(args: argparse.Namespace) -> int:
     print(f"{stats['n']} random networks of {space.key()} on {runtime.name}: MAPE {stats['mape']:.1%}, "
           f"RMSE {stats['rmse_ms']:.3f} ms, within ±5% {stats['within_5']:.0%}, within ±10% {stats['within_10']:.0%}")
     plot = args.plot or f"lut-validate-{runtime.name}.png"
-    scatter_plot(points, plot, f"{space.key()} on {runtime.name}: {stats['within_10']:.0%} within ±10%")
+    scatter_plot(points, plot, f"{space.key()} on {runtime.name}\n{stats['within_10']:.0%} within ±10%, MAPE {stats['mape']:.1%}")
     print(f"scatter plot written to {plot}")
     if args.json:
         print(json.dumps(stats))
