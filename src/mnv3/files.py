@@ -29,10 +29,6 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
-
-
 def atomic_write_csv(path: str | Path, rows: list[dict]) -> Path:
     """A CSV file with a header from the first row's keys."""
     def write(tmp: Path) -> None:
