@@ -38,7 +38,7 @@ class LatencyTable:
             sa.Column("data", sa.Text, nullable=False))
         try:
             self.engine = sa.create_engine(self.url)
-            meta.create_all(self.engine)
+            self._create_tables(meta)
         except exc.NoSuchModuleError as e:
             raise LatencyError(f"--db {self.url}: unsupported database URL ({e}); use sqlite:///FILE "
                                "or postgresql+psycopg://USER@HOST/DB") from None
@@ -49,10 +49,58 @@ class LatencyTable:
             first = str(e.orig if getattr(e, "orig", None) else e).splitlines()[0]
             raise LatencyError(f"--db {self.url}: cannot open the table database ({first}); check "
                                "that the server runs and the URL is right") from None
+        except (exc.ProgrammingError, exc.IntegrityError) as e:
+            first = str(e.orig if getattr(e, "orig", None) else e).splitlines()[0]
+            raise LatencyError(f"--db {self.url}: cannot create the tables ({first}); let this database "
+                               "user create tables (GRANT CREATE ON SCHEMA public), or create them once as "
+                               "a user who may and grant this one SELECT, INSERT, UPDATE, DELETE") from None
         except ModuleNotFoundError as e:
             raise LatencyError(f"--db {self.url}: its driver is not installed ({e}); for PostgreSQL: "
                                "pip install 'psycopg[binary]'") from None
         self._sa = sa
+
+    def _create_tables(self, meta) -> None:
+        """Create the tables unless they exist. Two machines starting on a new database at once both
+        find none; the one that loses the race sees the other's tables on its next try."""
+        from sqlalchemy import exc
+
+        for attempt in range(3):
+            try:
+                meta.create_all(self.engine)
+                return
+            except (exc.IntegrityError, exc.ProgrammingError, exc.OperationalError) as e:
+                state = getattr(e.orig, "sqlstate", None)     # psycopg: unique or duplicate-table
+                raced = state in ("23505", "42P07") or "already exists" in str(e.orig)
+                if attempt == 2 or not raced:
+                    raise
+
+    @staticmethod
+    def _check_length(column, value: str) -> None:
+        # PostgreSQL enforces VARCHAR lengths and SQLite ignores them: check here, the same everywhere.
+        if len(value) > column.type.length:
+            raise LatencyError(f"{column.name} is {len(value)} characters, longer than the table's "
+                               f"{column.type.length}: {value[:80]}...")
+
+    def _upsert(self, conn, table, rows: list[dict]) -> None:
+        """Insert rows, replacing those with the same primary key, by INSERT ... ON CONFLICT DO UPDATE
+        (PostgreSQL and SQLite): two machines writing the same keys at once then wait for each other,
+        where delete-then-insert fails on the primary key on PostgreSQL."""
+        name = self.engine.dialect.name
+        if name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        elif name == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert
+        else:                                               # no portable upsert: replace in place
+            keys = list(table.primary_key.columns)
+            for row in rows:
+                conn.execute(table.delete().where(*(c == row[c.name] for c in keys)))
+            conn.execute(self._sa.insert(table), rows)
+            return
+        stmt = insert(table)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=list(table.primary_key.columns),
+            set_={c.name: stmt.excluded[c.name] for c in table.columns if not c.primary_key})
+        conn.execute(stmt, rows)
 
     def get(self, env: str, keys: list[str] | None = None) -> dict[str, Timing]:
         sa, t = self._sa, self.entries
@@ -64,16 +112,22 @@ class LatencyTable:
                 if wanted is None or r.key in wanted}
 
     def put(self, env: str, items: list[tuple[str, Timing]]) -> None:
-        """Store measurements in one transaction (replacing older values of the same keys)."""
+        """Store measurements in one transaction (replacing older values of the same keys; of a key
+        given twice, the last value)."""
         if not items:
             return
-        sa, t = self._sa, self.entries
+        t = self.entries
+        latest = dict(items)
+        self._check_length(t.c.env, env)
+        for key in latest:
+            self._check_length(t.c.key, key)
         now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        # Rows in key order: concurrent writers of overlapping batches lock them in the same order
+        # (no deadlock on PostgreSQL).
+        rows = [{"env": env, "key": k, "median_ms": v.median_ms, "p10_ms": v.p10_ms, "p90_ms": v.p90_ms,
+                 "runs": v.runs, "measured_at": now} for k, v in sorted(latest.items())]
         with self.engine.begin() as conn:
-            conn.execute(t.delete().where(t.c.env == env, t.c.key.in_([k for k, _ in items])))
-            conn.execute(sa.insert(t), [
-                {"env": env, "key": k, "median_ms": v.median_ms, "p10_ms": v.p10_ms, "p90_ms": v.p90_ms,
-                 "runs": v.runs, "measured_at": now} for k, v in items])
+            self._upsert(conn, t, rows)
 
     def calibration(self, env: str, space: str) -> dict | None:
         sa, t = self._sa, self.calibrations
@@ -82,7 +136,8 @@ class LatencyTable:
         return None if row is None else json.loads(row.data)
 
     def set_calibration(self, env: str, space: str, data: dict) -> None:
-        sa, t = self._sa, self.calibrations
+        t = self.calibrations
+        self._check_length(t.c.env, env)
+        self._check_length(t.c.space, space)
         with self.engine.begin() as conn:
-            conn.execute(t.delete().where(t.c.env == env, t.c.space == space))
-            conn.execute(sa.insert(t).values(env=env, space=space, data=json.dumps(data)))
+            self._upsert(conn, t, [{"env": env, "space": space, "data": json.dumps(data)}])
