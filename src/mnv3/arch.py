@@ -281,6 +281,30 @@ def with_output_stride(spec: ArchSpec, output_stride: int) -> ArchSpec:
     return spec.replace(blocks=tuple(blocks), name=name)
 
 
+def with_total_stride(spec: ArchSpec, total: int) -> ArchSpec:
+    """Downsample by `total` instead of the spec's 32, for small inputs such as CIFAR's 32x32: the
+    earliest strided layers (the stem first, then blocks in order) become stride 1 until the product
+    of the strides is `total`. Unlike `with_output_stride`, nothing is dilated."""
+    current = spec.total_stride()
+    if total not in (1, 2, 4, 8, 16, 32) or total > current:
+        raise SpecError(f"total_stride: expected a power of 2 no larger than {spec.name}'s "
+                        f"{current}, got {total!r}")
+    _check_undilated(spec, "total_stride")
+    if total == current:
+        return spec
+    stem, blocks = spec.stem, list(spec.blocks)
+    if stem.stride > 1 and current > total:
+        current //= stem.stride
+        stem = dataclasses.replace(stem, stride=1)
+    for i, block in enumerate(blocks):
+        if current <= total:
+            break
+        if block.stride > 1:
+            current //= block.stride
+            blocks[i] = dataclasses.replace(block, stride=1)
+    return spec.replace(stem=stem, blocks=tuple(blocks), name=f"{spec.name}_s{total}")
+
+
 def reduced_tail(spec: ArchSpec) -> ArchSpec:
     """Halve the channels of every layer between C4 and C5 (paper section 6.3): the blocks of the
     last strided stage get half their output, expansion and squeeze channels, and the last 1x1 conv

@@ -289,6 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="end with one JSON line: top1, top5 (fractions)")
     p.set_defaults(func=cmd_eval)
 
+    from mnv3.train.command import add_parser as add_train_parser
+
+    add_train_parser(sub)
+
     p = sub.add_parser("bench", help="measure latency on a runtime (torch, onnxruntime, litert)",
                        description="Measure end-to-end latency of networks on one runtime with the "
                                    "protocol: fixed threads, warm-up, at least 50 timed runs, median "
@@ -338,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from mnv3.data import DataError
     from mnv3.latency import LatencyError
+    from mnv3.train.engine import TrainError
+    from mnv3.train.recipe import RecipeError
     from mnv3.weights import WeightsError
 
     parser = build_parser()
@@ -347,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return args.func(args)
-    except (SpecError, WeightsError, DataError, LatencyError) as exc:
+    except (SpecError, WeightsError, DataError, LatencyError, TrainError, RecipeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

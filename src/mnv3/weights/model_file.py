@@ -59,6 +59,7 @@ class ModelMeta:
     class_names: tuple[str, ...] | None = None
     preprocess: Preprocess = field(default_factory=Preprocess)
     source: str | None = None
+    training: dict[str, Any] | None = None   # how the weights were trained: recipe, data, accuracy
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -69,7 +70,8 @@ class ModelMeta:
         classes = tuple(data["classes"]) if data.get("classes") is not None else None
         names = tuple(data["class_names"]) if data.get("class_names") is not None else None
         return cls(classes=classes, class_names=names,
-                   preprocess=Preprocess.from_dict(data["preprocess"]), source=data.get("source"))
+                   preprocess=Preprocess.from_dict(data["preprocess"]), source=data.get("source"),
+                   training=data.get("training"))
 
     def label(self, index: int) -> str:
         """A readable label for output `index`: "name (id)" when both are known."""

@@ -1,0 +1,117 @@
+"""Classification training: the network (from a spec, or from pretrained weights with a new
+classifier), its preprocessing, and the engine run that writes `DIR/model.safetensors`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mnv3.arch import with_total_stride
+from mnv3.data.datasets import ClassificationData, open_data
+from mnv3.nn import MobileNet, build
+from mnv3.presets import resolve_arch
+from mnv3.train.distributed import Dist, setup, teardown
+from mnv3.train.engine import ClassificationTask, RunOptions, Trainer, TrainError, TrainResult
+from mnv3.train.recipe import Recipe
+from mnv3.weights import ModelMeta, Preprocess, load, model_meta, save
+
+DEFAULT_ARCH = "mobilenet_v3_small"
+
+
+def prepare_model(data: ClassificationData, recipe: Recipe, arch: str | None = None,
+                  weights: str | None = None, total_stride: int | None = None,
+                  progress: bool = True) -> tuple[MobileNet, Preprocess]:
+    """The network to train and the preprocessing to train it with.
+
+    From scratch: `arch` (default mobilenet_v3_small); small-image sets (digits, CIFAR) default to
+    their own resolution and a total stride of 8. From `weights`: the pretrained network, its
+    normalisation, and a fresh classifier when the classes differ."""
+    torch.manual_seed(recipe.seed)      # the same initial weights in every process and every rerun
+    if weights:
+        model = load(weights, arch, progress=progress)
+        spec, mean_std = model.spec, model_meta(model).preprocess
+        resolution = recipe.resolution or spec.resolution
+    else:
+        spec, mean_std, model = resolve_arch(arch or DEFAULT_ARCH), Preprocess(), None
+        resolution = recipe.resolution or data.resolution or spec.resolution
+        if total_stride is None:
+            total_stride = data.total_stride
+    target = spec.replace(resolution=resolution)
+    if total_stride is not None and total_stride != target.total_stride():
+        target = with_total_stride(target, total_stride)
+    if recipe.dropout is not None and recipe.dropout != target.head.dropout:
+        target = target.replace(head=dataclasses.replace(target.head, dropout=recipe.dropout))
+    n = len(data.classes)
+    if model is None:
+        model = build(target, n)
+    else:
+        if target != model.spec:       # stride, resolution and dropout change no weight shape
+            rebuilt = build(target, model.num_classes)
+            rebuilt.load_state_dict(model.state_dict())
+            model = rebuilt
+        if model.num_classes != n or model_meta(model).classes != data.classes:
+            model.reset_classifier(n)
+    pre = Preprocess(resolution=resolution, resize=max(resolution, round(resolution / recipe.crop_pct)),
+                     mean=mean_std.mean, std=mean_std.std, interpolation=mean_std.interpolation)
+    model.meta = ModelMeta(classes=data.classes, class_names=data.class_names, preprocess=pre,
+                           source=str(weights) if weights else None)
+    return model, pre
+
+
+def identity(model: MobileNet, data: ClassificationData) -> dict[str, Any]:
+    """What a resumed run must share with the run it continues."""
+    return {"task": "classify", "spec": model.spec.to_json(indent=None), "num_classes": model.num_classes,
+            "classes": list(data.classes), "data": data.fingerprint()}
+
+
+def train(data: str | ClassificationData, out: str | Path, *, arch: str | None = None,
+          weights: str | None = None, recipe: Recipe | None = None, resume: bool = False,
+          total_stride: int | None = None, workers: int = 0, checkpoint_steps: int = 500,
+          strict: bool = False, progress: bool = True, tensorboard: bool = True,
+          device: str = "auto") -> TrainResult:
+    """Train a classifier and write the run folder `out` (recipe, metrics, curves, checkpoint,
+    model file). Under torchrun every process calls this; process 0 writes the files."""
+    recipe = recipe or Recipe()
+    out = Path(out)
+    data_set = open_data(data) if not isinstance(data, ClassificationData) else data
+    if not resume and ((out / "checkpoint.pt").exists() or (out / "model.safetensors").exists()):
+        raise TrainError(f"{out} already holds a run; pass --resume to continue it, or choose "
+                         "another --out")
+    d: Dist = setup(device)
+    try:
+        model, pre = prepare_model(data_set, recipe, arch, weights, total_stride, progress and d.main)
+        inputs = {"data": data_set.ref or str(data), "arch": arch, "weights": weights, "total_stride": total_stride}
+        if d.main and not resume:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "run.json").write_text(json.dumps(inputs, indent=2) + "\n")
+
+        def save_model(module: MobileNet, path: Path, metrics: dict[str, float]) -> None:
+            meta = dataclasses.replace(model.meta, training={
+                "recipe": recipe.name, "data": data_set.name, "epochs": recipe.epochs,
+                "top1": metrics.get("val_top1"), "top5": metrics.get("val_top5")})
+            save(module, path, meta)
+
+        options = RunOptions(out, resume=resume, workers=workers, checkpoint_steps=checkpoint_steps,
+                             strict=strict, progress=progress, tensorboard=tensorboard, inputs=inputs)
+        trainer = Trainer(model, data_set, recipe, options, ClassificationTask(recipe.label_smoothing),
+                          d, pre, identity(model, data_set), save_model)
+        return trainer.fit()
+    finally:
+        teardown(d)
+
+
+def run_inputs(out: str | Path) -> dict[str, Any]:
+    """What a run in `out` was started from (data, arch, weights), for `--resume` with fewer flags."""
+    path = Path(out) / "run.json"
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text())
+
+
+def saved_recipe(out: str | Path) -> Recipe | None:
+    path = Path(out) / "recipe.json"
+    return Recipe.from_dict(json.loads(path.read_text()), str(path)) if path.is_file() else None

@@ -1,0 +1,120 @@
+"""`mnv3 train`: arguments, recipe overrides (one flag per recipe key), resume, JSON output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import fields
+
+from mnv3.train.recipe import Recipe, RecipeError, builtin_recipes, load_recipe
+
+_NOT_FLAGS = ("name", "about")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "train", help="train or fine-tune a classifier (image folder, digits, cifar10)",
+        description="Train a classifier and write a run folder: the resolved recipe, metrics.csv, "
+                    "TensorBoard logs, curves.png, checkpoint.pt and model.safetensors (which "
+                    "`mnv3 eval` and `mnv3 predict` take). Runs under `torchrun --nproc_per_node N "
+                    "-m mnv3 train ...` as data-parallel processes.",
+        epilog="Every recipe key has its own flag (below); --set KEY=VALUE does the same. "
+               f"Built-in recipes: {', '.join(builtin_recipes())}.")
+    p.add_argument("--data", metavar="DATA",
+                   help="a folder with train/ and val/ (or test/) class folders, or digits (offline, "
+                        "scikit-learn's 8x8 digits: a quick first run), or cifar10")
+    p.add_argument("--arch", metavar="ARCH",
+                   help="network (default mobilenet_v3_small); may be left out when --weights carries it")
+    p.add_argument("--weights", metavar="SOURCE",
+                   help="start from these weights (model file, torchvision/timm state dict, TFLite, URL, "
+                        "torchvision:IMAGENET1K_V1); the classifier is replaced for the data's classes")
+    p.add_argument("--recipe", metavar="NAME|FILE",
+                   help=f"built-in ({', '.join(builtin_recipes())}) or a JSON/YAML file "
+                        "(default: finetune with --weights, otherwise cifar for small images, else paper)")
+    p.add_argument("--out", metavar="DIR", help="run folder (default runs/DATA-ARCH)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint (flags left out are taken "
+                        "from the run)")
+    p.add_argument("--total-stride", type=int, choices=(4, 8, 16, 32),
+                   help="downsample the input by this much (default: 8 for small images when training "
+                        "from scratch, else the network's 32)")
+    p.add_argument("--workers", type=int, default=0, help="data-loading processes (default 0)")
+    p.add_argument("--checkpoint-steps", type=int, default=500,
+                   help="also checkpoint every N steps (default 500; 0: at epoch ends only)")
+    p.add_argument("--strict", action="store_true",
+                   help="stop at the first unreadable image instead of skipping and counting it")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any recipe key (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true",
+                   help="end with one JSON line: top1, top5 (fractions) and the model file's path")
+    group = p.add_argument_group("recipe values (override the recipe's)")
+    for f in fields(Recipe):
+        if f.name in _NOT_FLAGS:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            group.add_argument(flag, dest=f"recipe_{f.name}", action=argparse.BooleanOptionalAction,
+                               default=None)
+        else:
+            group.add_argument(flag, dest=f"recipe_{f.name}", metavar=f.name.split("_")[-1].upper(),
+                               default=None)
+    p.set_defaults(func=cmd_train)
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, object]:
+    changes: dict[str, object] = {}
+    for item in args.set:
+        if "=" not in item:
+            raise RecipeError(f"--set {item!r}: expected KEY=VALUE, e.g. --set lr=0.05")
+        key, value = item.split("=", 1)
+        changes[key.strip()] = value.strip()
+    for f in fields(Recipe):
+        value = getattr(args, f"recipe_{f.name}", None)
+        if value is not None:
+            changes[f.name] = value if isinstance(value, str) else str(value)
+    return changes
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from mnv3.data.datasets import open_data
+    from mnv3.train.classify import run_inputs, saved_recipe, train
+    from mnv3.train.engine import TrainError
+
+    if args.resume and not args.out:
+        raise TrainError("--resume needs the --out folder of the run to continue")
+    earlier = run_inputs(args.out) if args.resume and args.out else {}
+    data = args.data or earlier.get("data")
+    if not data:
+        raise TrainError("--data is required: an image folder with train/ and val/, digits, or cifar10")
+    arch = args.arch or earlier.get("arch")
+    weights = args.weights or earlier.get("weights")
+    total_stride = args.total_stride or earlier.get("total_stride")
+    data_set = open_data(data)
+    if args.recipe:
+        recipe = load_recipe(args.recipe)
+    elif args.resume and saved_recipe(args.out) is not None:
+        recipe = saved_recipe(args.out)
+    else:
+        recipe = load_recipe("finetune" if weights else "cifar" if data_set.resolution else "paper")
+    recipe = recipe.override(_overrides(args))
+    arch_name = arch or ("weights" if weights else "mobilenet_v3_small")
+    out = args.out or f"runs/{data_set.name}-{arch_name.rsplit('/', 1)[-1].removesuffix('.json')}"
+    main = os.environ.get("RANK", "0") == "0"
+    if main:
+        print(f"training {arch_name} on {data_set.name} ({len(data_set.train)} train / {len(data_set.val)} val "
+          f"images, {len(data_set.classes)} classes) with recipe {recipe.name} -> {out}", file=sys.stderr)
+    result = train(data_set, out, arch=arch, weights=weights, recipe=recipe, resume=args.resume,
+                   total_stride=total_stride, workers=args.workers, checkpoint_steps=args.checkpoint_steps,
+                   strict=args.strict, progress=not args.no_progress, device=args.device)
+    if main and result.model_path is not None:
+        print(f"top-1 {result.metrics.get('val_top1', 0):.4f}, top-5 {result.metrics.get('val_top5', 0):.4f}; "
+              f"model written to {result.model_path}")
+        if result.skipped:
+            print(f"{result.skipped} unreadable training image(s) were skipped (see the log above)")
+    if main and args.json and result.model_path is not None:
+        print(json.dumps(result.as_dict()))
+    return 0

@@ -1,0 +1,497 @@
+"""The training engine: one loop for every task (classification now; segmentation and detection
+plug in as tasks), with mixed precision, EMA, clipping, channels_last, optional torch.compile,
+torchrun data parallelism, atomic checkpoints and exact resume.
+
+A task says how to compute the loss of a batch and how to score a validation set; the engine does
+the rest. Checkpoints hold only tensors and plain values and are read with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from mnv3.data.datasets import ClassificationData, EpochBatches, EvalSet, TrainSet, collate
+from mnv3.data.images import DataError
+from mnv3.files import atomic_write, atomic_write_csv, atomic_write_text
+from mnv3.train.distributed import Dist, convert_sync_bn
+from mnv3.train.recipe import Recipe
+
+CHECKPOINT_FORMAT = "mnv3.checkpoint/1"
+
+
+class TrainError(ValueError):
+    """A run cannot start or resume; the message says why and what to do."""
+
+
+# -- tasks -----------------------------------------------------------------------------------------
+class Task(Protocol):
+    name: str
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor: ...
+
+    def train_stats(self, outputs: torch.Tensor, targets: torch.Tensor) -> list[float]: ...
+
+    def eval_stats(self, outputs: torch.Tensor, targets: torch.Tensor) -> list[float]: ...
+
+    def metrics(self, sums: list[float], prefix: str) -> dict[str, float]: ...
+
+
+class ClassificationTask:
+    """Cross-entropy (with label smoothing); train top-1, validation loss/top-1/top-5."""
+
+    name = "classify"
+
+    def __init__(self, label_smoothing: float = 0.0) -> None:
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.criterion(outputs.float(), targets)
+
+    def train_stats(self, outputs: torch.Tensor, targets: torch.Tensor) -> list[float]:
+        return [float((outputs.argmax(1) == targets).sum())]
+
+    def eval_stats(self, outputs: torch.Tensor, targets: torch.Tensor) -> list[float]:
+        outputs = outputs.float()
+        loss = nn.functional.cross_entropy(outputs, targets, reduction="sum")
+        top = outputs.topk(min(5, outputs.shape[1]), dim=1).indices == targets[:, None]
+        return [float(loss), float(top[:, 0].sum()), float(top.any(1).sum())]
+
+    def metrics(self, sums: list[float], prefix: str) -> dict[str, float]:
+        n = max(sums[-1], 1.0)
+        if prefix == "train":
+            return {"train_top1": sums[0] / n}
+        return {"val_loss": sums[0] / n, "val_top1": sums[1] / n, "val_top5": sums[2] / n}
+
+
+# -- options and results ---------------------------------------------------------------------------
+@dataclass
+class RunOptions:
+    out: Path
+    resume: bool = False
+    workers: int = 0
+    checkpoint_steps: int = 500      # also checkpoint every N optimizer steps (0: at epoch ends only)
+    strict: bool = False             # an unreadable image stops the run instead of being skipped
+    progress: bool = True
+    tensorboard: bool = True
+    inputs: dict[str, Any] = field(default_factory=dict)   # what the run was started from (run.json)
+
+
+@dataclass
+class TrainResult:
+    metrics: dict[str, float]
+    history: list[dict[str, Any]]
+    run_dir: Path
+    model_path: Path | None
+    skipped: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"top1": self.metrics.get("val_top1"), "top5": self.metrics.get("val_top5"),
+                "model": str(self.model_path) if self.model_path else None, "run": str(self.run_dir),
+                "epochs": len(self.history), "skipped_images": self.skipped}
+
+
+class Ema:
+    """Exponential moving average of all weights and buffers, with TF's warm-up of the decay
+    (min(decay, (1 + n) / (10 + n))) so short runs are averaged over their own length."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.decay, self.updates = decay, 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        self.updates += 1
+        for ours, theirs in zip(self.module.state_dict().values(), model.state_dict().values()):
+            if ours.dtype.is_floating_point:
+                ours.mul_(d).add_(theirs.detach(), alpha=1 - d)
+            else:
+                ours.copy_(theirs)
+
+
+# -- the engine --------------------------------------------------------------------------------------
+class Trainer:
+    def __init__(self, model: nn.Module, data: ClassificationData, recipe: Recipe, options: RunOptions,
+                 task: Task, dist: Dist, pre, identity: dict[str, Any],
+                 save_model=None) -> None:
+        """`pre`: the Preprocess used for training and evaluation. `identity`: what must match for
+        a resume (spec, classes, ...). `save_model(module, path, metrics)` writes the final model."""
+        self.model, self.data, self.recipe, self.opts = model, data, recipe, options
+        self.task, self.dist, self.pre, self.identity, self.save_model = task, dist, pre, identity, save_model
+        self.out = Path(options.out)
+        self.ckpt_path = self.out / "checkpoint.pt"
+        self.world_batch = recipe.batch_size
+        self.steps_per_epoch = len(data.train) // recipe.batch_size
+        if self.steps_per_epoch < 1:
+            raise TrainError(f"batch size {recipe.batch_size} is larger than the {len(data.train)} "
+                             "training images; lower --batch-size")
+        if recipe.batch_size % dist.world:
+            raise TrainError(f"batch size {recipe.batch_size} does not split over {dist.world} "
+                             "processes; use a multiple of the process count")
+        if recipe.amp == "fp16" and dist.device.type != "cuda":
+            raise TrainError("amp fp16 needs a CUDA device; on the CPU use --amp bf16")
+        self.train_set = TrainSet(data.train, pre, recipe.augment, recipe.min_scale, recipe.hflip, recipe.seed)
+        self.val_set = EvalSet(data.val, pre)
+        self._writer = None
+
+    # -- set-up ----------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        r, d = self.recipe, self.dist
+        model = self.model.to(d.device)
+        if r.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if d.active and r.sync_bn:
+            convert_sync_bn(model, d.device)
+        self.frozen = [m for name, m in model.named_children()
+                       if r.freeze_backbone and name in ("stem", "blocks", "last_conv")]
+        for m in self.frozen:
+            m.requires_grad_(False)
+        if r.freeze_backbone and not self.frozen:
+            raise TrainError("--freeze-backbone: this network has no stem/blocks/last_conv to freeze")
+        self.ema = Ema(model, r.ema_decay) if r.ema_decay > 0 else None
+        self.optimizer = make_optimizer(model, r)
+        self.scaler = torch.amp.GradScaler("cuda") if r.amp == "fp16" else None
+        net: nn.Module = model
+        if d.active:
+            net = nn.parallel.DistributedDataParallel(
+                model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+        if r.compile:
+            net = torch.compile(net)
+        self.net = net
+        self.state = {"epoch": 0, "batch": 0, "step": 0, "history": [], "running": None, "skipped": 0}
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def _checkpoint(self) -> dict[str, Any]:
+        return {"format": CHECKPOINT_FORMAT, "identity": self.identity, "recipe": self.recipe.to_dict(),
+                "model": self.model.state_dict(), "ema": self.ema.module.state_dict() if self.ema else None,
+                "ema_updates": self.ema.updates if self.ema else 0,
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler else None,
+                "rng": torch.get_rng_state(), "world": self.dist.world, **self.state}
+
+    def save_checkpoint(self) -> None:
+        if self.dist.main:
+            ckpt = self._checkpoint()
+            atomic_write(self.ckpt_path, lambda tmp: torch.save(ckpt, tmp))
+        self.dist.barrier()
+
+    def restore(self) -> None:
+        ckpt = read_checkpoint(self.ckpt_path)
+        check_resume(ckpt, self.identity, self.recipe, self.ckpt_path)
+        self.model.load_state_dict(ckpt["model"])
+        if self.ema is not None:
+            self.ema.module.load_state_dict(ckpt["ema"])
+            self.ema.updates = ckpt["ema_updates"]
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.scaler is not None and ckpt["scaler"] is not None:
+            self.scaler.load_state_dict(ckpt["scaler"])
+        if ckpt.get("world") == self.dist.world:
+            torch.set_rng_state(ckpt["rng"])
+        for key in self.state:
+            self.state[key] = ckpt[key]
+
+    # -- steps -----------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.recipe.amp == "none":
+            return torch.autocast(self.dist.device.type, enabled=False)
+        dtype = torch.bfloat16 if self.recipe.amp == "bf16" else torch.float16
+        return torch.autocast(self.dist.device.type, dtype=dtype)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, list[float]]:
+        """One optimizer step on a local batch; returns (loss, task train statistics)."""
+        r = self.recipe
+        lr = r.lr_at(self.state["step"], self.steps_per_epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        x, y = x.to(self.dist.device, non_blocking=True), y.to(self.dist.device, non_blocking=True)
+        if r.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            out = self.net(x)
+            loss = self.task.loss(out, y)
+        if not torch.isfinite(loss):
+            raise TrainError(f"the loss became {float(loss)} at step {self.state['step']}; lower the "
+                             "learning rate (--lr) or turn on gradient clipping (--clip-grad 1.0)")
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        if r.clip_grad > 0:
+            nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], r.clip_grad)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.state["step"] += 1
+        return float(loss.detach()), self.task.train_stats(out.detach(), y)
+
+    def _set_train_mode(self) -> None:
+        self.model.train()
+        for m in self.frozen:    # a frozen backbone keeps its batch-norm statistics too
+            m.eval()
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        from tqdm import tqdm
+
+        r, d = self.recipe, self.dist
+        torch.manual_seed(r.seed * 7919 + d.rank)   # dropout; data augmentation has its own seeds
+        self.prepare()
+        if self.opts.resume:
+            self.restore()
+        if d.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.out / "recipe.json", _json(r.to_dict()))
+        while self.state["epoch"] < r.epochs:
+            epoch, start = self.state["epoch"], self.state["batch"]
+            running = self.state["running"] or {"loss": 0.0, "stats": None, "n": 0, "skipped": 0,
+                                                "errors": [], "seconds": 0.0}
+            self.train_set.epoch = epoch
+            sampler = EpochBatches(len(self.train_set), self.world_batch, seed=r.seed, epoch=epoch,
+                                   rank=d.rank, world=d.world, start=start)
+            loader = self._loader(self.train_set, sampler)
+            self._set_train_mode()
+            bar = tqdm(total=self.steps_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{r.epochs}",
+                       unit="batch", disable=not (self.opts.progress and d.main), file=sys.stderr,
+                       dynamic_ncols=True)
+            t0, images = time.perf_counter(), 0
+            for x, y, errors in loader:
+                self._count_errors(errors, running)
+                if x is None:
+                    if d.active:
+                        raise DataError("a whole local batch was unreadable: " + errors[0])
+                    self.state["batch"] += 1
+                    bar.update()
+                    continue
+                loss, stats = self.train_step(x, y)
+                running["loss"] += loss * len(y)
+                running["stats"] = stats if running["stats"] is None else \
+                    [a + b for a, b in zip(running["stats"], stats)]
+                running["n"] += len(y)
+                images += len(y) * d.world
+                self.state["batch"] += 1
+                elapsed = time.perf_counter() - t0
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
+                                img_s=f"{images / max(elapsed, 1e-9):.0f}", refresh=False)
+                bar.update()
+                if self.opts.checkpoint_steps and self.state["step"] % self.opts.checkpoint_steps == 0 \
+                        and self.state["batch"] < self.steps_per_epoch:
+                    running["seconds"] += time.perf_counter() - t0
+                    t0, images = time.perf_counter(), 0
+                    self.state["running"] = running
+                    self.save_checkpoint()
+            bar.close()
+            running["seconds"] += time.perf_counter() - t0
+            row = self._end_epoch(epoch, running)
+            self.state.update(epoch=epoch + 1, batch=0, running=None)
+            self.state["history"].append(row)
+            self.state["skipped"] += running["skipped"]
+            self.save_checkpoint()
+            if d.main:
+                self._log_epoch(row)
+        return self._finish()
+
+    def _count_errors(self, errors: list[str], running: dict[str, Any]) -> None:
+        if not errors:
+            return
+        if self.opts.strict:
+            raise DataError(f"{errors[0]} (--strict stops at the first unreadable image)")
+        running["skipped"] += len(errors)
+        running["errors"] = (running["errors"] + errors)[:5]
+
+    def _end_epoch(self, epoch: int, running: dict[str, Any]) -> dict[str, Any]:
+        d = self.dist
+        sums = d.sum([running["loss"], *(running["stats"] or [0.0]), float(running["n"]),
+                      float(running["skipped"])])
+        skipped = int(sums[-1])
+        n = max(sums[-2], 1.0)
+        train = self.task.metrics([*sums[1:-2], sums[-2]], "train")
+        val = self.evaluate(self.ema.module if self.ema else self.model)
+        seconds = running["seconds"]
+        row = {"epoch": epoch + 1, "step": self.state["step"],
+               "lr": self.optimizer.param_groups[0]["lr"], "train_loss": sums[0] / n, **train, **val,
+               "img_per_s": sums[-2] / max(seconds, 1e-9), "epoch_s": seconds, "skipped": skipped}
+        if skipped and d.main:
+            shown = "; ".join(running["errors"][:3])
+            print(f"epoch {epoch + 1}: skipped {skipped} unreadable image(s): {shown}", file=sys.stderr)
+        return row
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        d = self.dist
+        sampler = EpochBatches(len(self.val_set), self.world_batch, shuffle=False, drop_last=False,
+                               rank=d.rank, world=d.world)
+        was_training = model.training
+        model.eval()
+        sums, skipped = None, 0
+        for x, y, errors in self._loader(self.val_set, sampler):
+            skipped += len(errors)
+            if errors and self.opts.strict:
+                raise DataError(f"{errors[0]} (--strict)")
+            if x is None:
+                continue
+            x, y = x.to(d.device), y.to(d.device)
+            if self.recipe.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with self._autocast():
+                stats = [*self.task.eval_stats(model(x), y), float(len(y))]
+            sums = stats if sums is None else [a + b for a, b in zip(sums, stats)]
+        model.train(was_training)
+        total = d.sum([*(sums or [0.0] * 4), float(skipped)])
+        if total[-2] == 0:
+            raise DataError(f"none of the {len(self.val_set)} validation images could be read")
+        return {**self.task.metrics(total[:-1], "val"), "val_skipped": int(total[-1])}
+
+    def _loader(self, dataset, sampler) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=self.opts.workers,
+                                           collate_fn=collate, worker_init_fn=_worker_init,
+                                           persistent_workers=False)
+
+    # -- outputs -----------------------------------------------------------------------------------
+    def _log_epoch(self, row: dict[str, Any]) -> None:
+        history = self.state["history"]
+        atomic_write_csv(self.out / "metrics.csv", history)
+        write_curves(history, self.out / "curves.png")
+        writer = self._tensorboard()
+        if writer is not None:
+            for key, value in row.items():
+                if key not in ("epoch",) and isinstance(value, (int, float)):
+                    writer.add_scalar(key.replace("_", "/", 1) if key.startswith(("train", "val")) else key,
+                                      value, row["epoch"])
+            writer.flush()
+        print(" ".join(f"{k}={_fmt(v)}" for k, v in row.items()), file=sys.stderr)
+
+    def _tensorboard(self):
+        if self._writer is None and self.opts.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                print("note: TensorBoard logs need the tensorboard package (pip install tensorboard); "
+                      "metrics.csv is written anyway", file=sys.stderr)
+                self.opts.tensorboard = False
+                return None
+            self._writer = SummaryWriter(str(self.out / "tensorboard"),
+                                         purge_step=len(self.state["history"]))
+        return self._writer
+
+    def _finish(self) -> TrainResult:
+        history = self.state["history"]
+        final = {k: v for k, v in history[-1].items() if k.startswith("val_")} if history else {}
+        model_path = None
+        if self.dist.main and self.save_model is not None:
+            model_path = self.out / "model.safetensors"
+            self.save_model(self.ema.module if self.ema else self.model, model_path, final)
+        if self._writer is not None:
+            self._writer.close()
+        result = TrainResult(final, history, self.out, model_path, self.state["skipped"])
+        if self.dist.main:
+            atomic_write_text(self.out / "result.json", _json(result.as_dict()))
+        self.dist.barrier()
+        return result
+
+
+# -- helpers -----------------------------------------------------------------------------------------
+def make_optimizer(model: nn.Module, r: Recipe) -> torch.optim.Optimizer:
+    """Weight decay on conv and linear weights only (not biases or batch-norm parameters)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() > 1 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": r.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise TrainError("nothing to train: every parameter is frozen")
+    lr = r.scaled_lr()
+    if r.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=r.momentum, nesterov=r.nesterov and r.momentum > 0)
+    if r.optimizer == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=lr, alpha=r.rmsprop_alpha, eps=r.rmsprop_eps, momentum=r.momentum)
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise TrainError(f"{path}: no checkpoint to resume from; start the run without --resume")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise TrainError(f"{path}: not a readable mnv3 checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise TrainError(f"{path}: not an mnv3 training checkpoint")
+    return ckpt
+
+
+def check_resume(ckpt: dict[str, Any], identity: dict[str, Any], recipe: Recipe, path: Path) -> None:
+    """Resuming must continue the same run: same network, same data, same recipe."""
+    theirs = ckpt["identity"]
+    for key, what in (("spec", "network spec"), ("num_classes", "number of classes"),
+                      ("classes", "classes"), ("data", "data set"), ("task", "task")):
+        if theirs.get(key) != identity.get(key):
+            raise TrainError(f"{path}: cannot resume: the run was started with a different {what} "
+                             f"({_short(theirs.get(key))} vs now {_short(identity.get(key))}). "
+                             "Resume with the run's own --arch/--data, or start a new run in another --out")
+    saved = ckpt["recipe"]
+    diff = [f"{k}: run {saved.get(k)!r} vs now {v!r}" for k, v in recipe.to_dict().items() if saved.get(k) != v]
+    if diff:
+        raise TrainError(f"{path}: cannot resume with a changed recipe ({'; '.join(diff)}). "
+                         "Drop those overrides to continue, or start a new run in another --out")
+
+
+def _short(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)
+
+
+def _json(data: Any) -> str:
+    import json
+
+    return json.dumps(data, indent=2) + "\n"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def write_curves(history: list[dict[str, Any]], path: Path) -> None:
+    """Loss and top-1 against epochs, train and validation, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    for key, label in (("train_loss", "train"), ("val_loss", "validation")):
+        left.plot(epochs, [h.get(key, math.nan) for h in history], marker="o", label=label)
+    for key, label in (("train_top1", "train"), ("val_top1", "validation"), ("val_top5", "val top-5")):
+        right.plot(epochs, [h.get(key, math.nan) for h in history], marker="o", label=label)
+    left.set(xlabel="epoch", ylabel="loss", title="loss")
+    right.set(xlabel="epoch", ylabel="accuracy", title="top-1 / top-5", ylim=(0, 1))
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
