@@ -1,7 +1,15 @@
 """mnv3: MobileNetV3 networks, their hardware-aware search and deployment, as one toolkit."""
 
-from mnv3.arch import (ArchSpec, BlockSpec, HeadSpec, SpecError, StemSpec, reduced_tail, with_output_stride,
-                       with_total_stride)
+from mnv3.arch import (
+                       ArchSpec,
+                       BlockSpec,
+                       HeadSpec,
+                       SpecError,
+                       StemSpec,
+                       reduced_tail,
+                       with_output_stride,
+                       with_total_stride,
+)
 from mnv3.complexity import count
 from mnv3.nn import MobileNet, build
 from mnv3.presets import PRESETS, preset, resolve_arch

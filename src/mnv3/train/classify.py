@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from mnv3.arch import with_total_stride
+from mnv3.arch import ArchSpec, with_total_stride
 from mnv3.data.datasets import ClassificationData, open_data
 from mnv3.nn import MobileNet, build
 from mnv3.presets import resolve_arch
@@ -22,7 +22,7 @@ from mnv3.weights import ModelMeta, Preprocess, load, model_meta, save
 DEFAULT_ARCH = "mobilenet_v3_small"
 
 
-def prepare_model(data: ClassificationData, recipe: Recipe, arch: str | None = None,
+def prepare_model(data: ClassificationData, recipe: Recipe, arch: str | ArchSpec | None = None,
                   weights: str | None = None, total_stride: int | None = None,
                   progress: bool = True) -> tuple[MobileNet, Preprocess]:
     """The network to train and the preprocessing to train it with.
@@ -68,7 +68,7 @@ def identity(model: MobileNet, data: ClassificationData) -> dict[str, Any]:
             "classes": list(data.classes), "data": data.fingerprint()}
 
 
-def train(data: str | ClassificationData, out: str | Path, *, arch: str | None = None,
+def train(data: str | ClassificationData, out: str | Path, *, arch: str | ArchSpec | None = None,
           weights: str | None = None, recipe: Recipe | None = None, resume: bool = False,
           total_stride: int | None = None, workers: int = 0, checkpoint_steps: int = 500,
           strict: bool = False, progress: bool = True, tensorboard: bool = True,
@@ -84,7 +84,8 @@ def train(data: str | ClassificationData, out: str | Path, *, arch: str | None =
     d: Dist = setup(device)
     try:
         model, pre = prepare_model(data_set, recipe, arch, weights, total_stride, progress and d.main)
-        inputs = {"data": data_set.ref or str(data), "arch": arch, "weights": weights, "total_stride": total_stride}
+        inputs = {"data": data_set.ref or str(data),
+                  "arch": arch.to_dict() if isinstance(arch, ArchSpec) else arch, "weights": weights, "total_stride": total_stride}
         if d.main and not resume:
             out.mkdir(parents=True, exist_ok=True)
             (out / "run.json").write_text(json.dumps(inputs, indent=2) + "\n")

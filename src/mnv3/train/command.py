@@ -27,6 +27,7 @@ def add_parser(sub) -> None:
                         "scikit-learn's 8x8 digits: a quick first run), or cifar10")
     p.add_argument("--arch", metavar="ARCH",
                    help="network (default mobilenet_v3_small); may be left out when --weights carries it")
+    p.add_argument("--width", type=float, help="width multiplier for a preset --arch (default 1.0)")
     p.add_argument("--weights", metavar="SOURCE",
                    help="start from these weights (model file, torchvision/timm state dict, TFLite, URL, "
                         "torchvision:IMAGENET1K_V1); the classifier is replaced for the data's classes")
@@ -91,6 +92,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not data:
         raise TrainError("--data is required: an image folder with train/ and val/, digits, or cifar10")
     arch = args.arch or earlier.get("arch")
+    if isinstance(arch, dict):     # a spec saved in run.json
+        from mnv3.arch import ArchSpec
+
+        arch = ArchSpec.from_dict(arch)
+    if args.width is not None:
+        from mnv3.presets import resolve_arch
+
+        if args.weights:
+            raise TrainError("--width applies to a preset --arch, not to --weights")
+        arch = resolve_arch(arch or "mobilenet_v3_small", args.width)
     weights = args.weights or earlier.get("weights")
     total_stride = args.total_stride or earlier.get("total_stride")
     data_set = open_data(data)
@@ -101,7 +112,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         recipe = load_recipe("finetune" if weights else "cifar" if data_set.resolution else "paper")
     recipe = recipe.override(_overrides(args))
-    arch_name = arch or ("weights" if weights else "mobilenet_v3_small")
+    arch_name = getattr(arch, "name", arch) or ("weights" if weights else "mobilenet_v3_small")
     out = args.out or f"runs/{data_set.name}-{arch_name.rsplit('/', 1)[-1].removesuffix('.json')}"
     main = os.environ.get("RANK", "0") == "0"
     if main:

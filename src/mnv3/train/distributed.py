@@ -10,13 +10,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+CPU = torch.device("cpu")
+
 
 @dataclass(frozen=True)
 class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
-    device: torch.device = torch.device("cpu")
+    device: torch.device = CPU
 
     @property
     def main(self) -> bool:
@@ -78,8 +80,7 @@ class CpuSyncBatchNorm(nn.BatchNorm2d):
         if not (self.training and dist.is_available() and dist.is_initialized()
                 and dist.get_world_size() > 1):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
+        all_reduce = _differentiable_all_reduce()
         c = x.shape[1]
         count = torch.full((1,), x.numel() / c, dtype=x.dtype, device=x.device)
         totals = all_reduce(torch.cat([x.sum((0, 2, 3)), count]))
@@ -97,6 +98,23 @@ class CpuSyncBatchNorm(nn.BatchNorm2d):
                 self.running_var.mul_(1 - m).add_(var.detach() * (n / (n - 1)), alpha=m)
                 self.num_batches_tracked.add_(1)
         return out
+
+
+def _differentiable_all_reduce():
+    """torch.distributed.nn.functional.all_reduce: a sum whose backward sums the gradients too.
+    Deprecated in favour of a private module, so its warning is silenced here."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        from torch.distributed.nn.functional import all_reduce
+
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return all_reduce(t)
+
+    return reduce
 
 
 def convert_sync_bn(model: nn.Module, device: torch.device) -> nn.Module:

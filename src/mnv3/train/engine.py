@@ -359,8 +359,11 @@ class Trainer:
         return {**self.task.metrics(total[:-1], "val"), "val_skipped": int(total[-1])}
 
     def _loader(self, dataset, sampler) -> torch.utils.data.DataLoader:
+        # A loader of its own generator: making an iterator draws a seed, which must not come from
+        # the global stream that dropout uses (a resumed run would draw it at another point).
         return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=self.opts.workers,
                                            collate_fn=collate, worker_init_fn=_worker_init,
+                                           generator=torch.Generator().manual_seed(self.recipe.seed),
                                            persistent_workers=False)
 
     # -- outputs -----------------------------------------------------------------------------------
@@ -430,7 +433,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         raise TrainError(f"{path}: no checkpoint to resume from; start the run without --resume")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a damaged or foreign file
         raise TrainError(f"{path}: not a readable mnv3 checkpoint ({type(exc).__name__}: {exc})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise TrainError(f"{path}: not an mnv3 training checkpoint")

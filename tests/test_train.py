@@ -1,0 +1,357 @@
+"""Training: recipes, data sets, the engine on real photographs, resume after SIGKILL, torchrun DDP,
+fine-tuning from the authors' TFLite weights, and every bad argument giving a clear error."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import mnv3
+from mnv3.cli import main
+from mnv3.data.datasets import EpochBatches, TrainSet, open_data
+from mnv3.train.engine import read_checkpoint
+from mnv3.train.recipe import RecipeError, builtin_recipes, load_recipe
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+HYMENOPTERA = SHARED / "data" / "hymenoptera"
+CIFAR = SHARED / "data" / "cifar10"
+TFLITE = SHARED / "weights" / "v3-large-minimalistic_224_1.0_uint8.tflite"
+# A tiny but real run: width 0.35 at 32 px, a handful of real photographs.
+TINY = ["--arch", "mobilenet_v3_small", "--width", "0.35", "--resolution", "32", "--batch-size", "4",
+        "--no-progress", "--workers", "0"]
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def last_json(text: str) -> dict:
+    return json.loads(text.strip().splitlines()[-1])
+
+
+def subset(root: Path, dest: Path, per_class: int, splits=("train", "val")) -> Path:
+    """A small image folder of symlinks to real images (the shared data are never copied)."""
+    for split in splits:
+        for cls in sorted(p for p in (root / split).iterdir() if p.is_dir()):
+            out = dest / split / cls.name
+            out.mkdir(parents=True)
+            for img in sorted(cls.iterdir())[:per_class]:
+                (out / img.name).symlink_to(img)
+    return dest
+
+
+@pytest.fixture
+def ants_bees(tmp_path: Path) -> Path:
+    return subset(HYMENOPTERA, tmp_path / "ants_bees", 6)
+
+
+def metrics(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+# -- recipes -----------------------------------------------------------------------------------------
+def test_builtin_recipes_hold_the_papers_values():
+    assert {"paper", "finetune", "cifar"} <= set(builtin_recipes())
+    paper = load_recipe("paper")
+    assert (paper.optimizer, paper.momentum, paper.lr, paper.lr_batch) == ("rmsprop", 0.9, 0.1, 4096)
+    assert (paper.weight_decay, paper.dropout, paper.ema_decay) == (1e-5, 0.2, 0.9999)
+    assert paper.schedule == "step" and paper.decay_rate == 0.99 and paper.decay_epochs == 3
+    assert paper.warmup_epochs > 0
+    # lr 0.1 at batch 4096, scaled linearly; x0.99 every 3 epochs after the warm-up
+    r = paper.override({"batch_size": "1024", "warmup_epochs": "0"})
+    assert r.scaled_lr() == pytest.approx(0.025)
+    assert r.lr_at(0, 100) == pytest.approx(0.025)
+    assert r.lr_at(299, 100) == pytest.approx(0.025)
+    assert r.lr_at(300, 100) == pytest.approx(0.025 * 0.99)
+    assert r.lr_at(905, 100) == pytest.approx(0.025 * 0.99**3)
+    warm = paper.override({"batch_size": "4096"})
+    assert warm.lr_at(0, 10) < warm.lr_at(25, 10) < warm.lr_at(49, 10) == pytest.approx(0.1)
+    fine = load_recipe("finetune")
+    assert fine.schedule == "cosine" and fine.label_smoothing > 0 and fine.augment == "rrc"
+    assert fine.lr_at(fine.epochs * 10 - 1, 10) < 0.01 * fine.lr_at(0, 10)
+
+
+def test_recipe_overrides_and_files(tmp_path):
+    r = load_recipe("finetune").override({"lr": "0.5", "dropout": "none", "channels-last": "true", "epochs": "2"})
+    assert (r.lr, r.dropout, r.channels_last, r.epochs) == (0.5, None, True, 2)
+    yaml_file = tmp_path / "mine.yaml"
+    yaml_file.write_text("optimizer: rmsprop\nlr: 0.02\nepochs: 3\nema_decay: 0.99\n")
+    mine = load_recipe(yaml_file)
+    assert (mine.name, mine.optimizer, mine.lr, mine.epochs, mine.ema_decay) == ("mine", "rmsprop", 0.02, 3, 0.99)
+    json_file = tmp_path / "j.json"
+    json_file.write_text(json.dumps(load_recipe("paper").to_dict()))
+    assert load_recipe(json_file) == load_recipe("paper")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"lr": "fast"}, "lr: expected float"),
+    ({"optimizer": "lion"}, "optimizer: expected one of sgd, rmsprop, adamw"),
+    ({"learning_rate": "0.1"}, "unknown recipe key 'learning_rate'"),
+    ({"momentum": "1.5"}, "momentum: expected a number in [0, 1)"),
+    ({"epochs": "0"}, "epochs: expected an integer >= 1"),
+    ({"channels_last": "maybe"}, "channels_last: expected bool"),
+])
+def test_bad_recipe_values_name_the_key(change, message):
+    with pytest.raises(RecipeError) as err:
+        load_recipe("paper").override(change)
+    assert message in str(err.value)
+
+
+def test_bad_recipe_files(tmp_path):
+    with pytest.raises(RecipeError, match="not a built-in recipe"):
+        load_recipe("nonexistent")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"lr": 0.1, "colour": "blue"}')
+    with pytest.raises(RecipeError, match="unknown key.*colour"):
+        load_recipe(bad)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("lr: [0.1\n")
+    with pytest.raises(RecipeError, match="not valid YAML|not a valid recipe"):
+        load_recipe(broken)
+
+
+# -- data ----------------------------------------------------------------------------------------------
+def test_folder_errors_come_before_training(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    (empty / "train" / "a").mkdir(parents=True)
+    (empty / "val" / "a").mkdir(parents=True)
+    code, _, err = run(capsys, "train", "--data", empty, "--out", tmp_path / "o1", *TINY)
+    assert code == 2 and "no images found" in err
+    mismatched = subset(HYMENOPTERA, tmp_path / "mm", 2)
+    (mismatched / "val" / "bees").rename(mismatched / "val" / "wasps")
+    code, _, err = run(capsys, "train", "--data", mismatched, "--out", tmp_path / "o2", *TINY)
+    assert code == 2 and "different classes" in err and "wasps" in err
+    no_val = tmp_path / "noval"
+    (no_val / "train" / "a").mkdir(parents=True)
+    code, _, err = run(capsys, "train", "--data", no_val, "--out", tmp_path / "o3", *TINY)
+    assert code == 2 and "val/" in err
+    code, _, err = run(capsys, "train", "--data", tmp_path / "missing", "--out", tmp_path / "o4", *TINY)
+    assert code == 2 and "no such folder" in err
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5))
+
+
+def test_digits_and_cifar_folders_open_offline():
+    digits = open_data("digits")
+    assert len(digits.classes) == 10 and len(digits.train) + len(digits.val) == 1797
+    assert 0.15 < len(digits.val) / 1797 < 0.25 and digits.resolution == 32
+    assert digits.train.image(0).size == (8, 8)
+    cifar = open_data(CIFAR)
+    assert cifar.classes[0] == "airplane" and len(cifar.train) == 50000 and len(cifar.val) == 10000
+    assert cifar.resolution == 32 and cifar.total_stride == 8
+
+
+def test_augmentation_is_seeded_per_sample_and_epoch():
+    data = open_data(HYMENOPTERA)
+    pre = mnv3.Preprocess(resolution=32, resize=37)
+    a, b = TrainSet(data.train, pre, seed=1), TrainSet(data.train, pre, seed=1)
+    torch.manual_seed(0)
+    x1 = a[3][0]
+    torch.manual_seed(123)        # the global RNG does not matter, and is left as it was
+    state = torch.get_rng_state()
+    assert torch.equal(x1, b[3][0]) and torch.equal(state, torch.get_rng_state())
+    b.epoch = 1
+    assert not torch.equal(x1, b[3][0])
+    # process r of 2 gets its half of every global batch; together they are the single-process batches
+    one = list(EpochBatches(10, 4, seed=5, epoch=2))
+    halves = [list(EpochBatches(10, 4, seed=5, epoch=2, rank=r, world=2)) for r in (0, 1)]
+    assert [h0 + h1 for h0, h1 in zip(*halves)] == one and len(one) == 2
+    assert list(EpochBatches(10, 4, seed=5, epoch=2, start=1)) == one[1:]
+
+
+# -- the engine on real images -------------------------------------------------------------------------
+def test_train_writes_a_run_that_eval_and_predict_accept(ants_bees, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, err = run(capsys, "train", "--data", ants_bees, "--out", out, "--epochs", "2",
+                            "--recipe", "finetune", "--json", "--ema-decay", "0.9", *TINY)
+    assert code == 0, err
+    result = last_json(stdout)
+    assert 0 <= result["top1"] <= result["top5"] <= 1 and result["model"] == str(out / "model.safetensors")
+    for name in ("recipe.json", "run.json", "metrics.csv", "curves.png", "checkpoint.pt", "result.json"):
+        assert (out / name).is_file(), name
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    saved = json.loads((out / "recipe.json").read_text())
+    assert saved["name"] == "finetune" and saved["ema_decay"] == 0.9 and saved["resolution"] == 32
+    rows = metrics(out)
+    assert [r["epoch"] for r in rows] == ["1", "2"] and float(rows[-1]["val_top1"]) == pytest.approx(result["top1"])
+    model = mnv3.load(out / "model.safetensors")
+    assert model.meta.classes == ("ants", "bees") and model.meta.preprocess.resolution == 32
+    assert model.meta.training["recipe"] == "finetune" and model.spec.head.dropout == 0.2
+    code, stdout, _ = run(capsys, "eval", "--weights", out / "model.safetensors", "--data", ants_bees / "val",
+                          "--json", "--no-progress")
+    assert code == 0 and last_json(stdout)["top1"] == pytest.approx(result["top1"])
+    code, stdout, _ = run(capsys, "predict", "--weights", out / "model.safetensors",
+                          next((ants_bees / "val" / "bees").iterdir()))
+    assert code == 0 and ("ants" in stdout or "bees" in stdout)
+
+
+def test_corrupt_images_are_skipped_counted_and_reported(ants_bees, tmp_path, capsys):
+    (ants_bees / "train" / "ants" / "zz_broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    (ants_bees / "train" / "bees" / "zz_empty.png").write_bytes(b"")
+    out = tmp_path / "run"
+    code, stdout, err = run(capsys, "train", "--data", ants_bees, "--out", out, "--epochs", "1", "--json",
+                            "--batch-size", "2", *TINY)
+    assert code == 0, err
+    assert last_json(stdout)["skipped_images"] == 2
+    assert "skipped 2 unreadable image(s)" in err and "zz_broken.jpg" in err
+    assert metrics(out)[0]["skipped"] == "2"
+    code, _, err = run(capsys, "train", "--data", ants_bees, "--out", tmp_path / "strict", "--epochs", "1",
+                       "--strict", *TINY)
+    assert code == 2 and "--strict" in err and ("zz_broken.jpg" in err or "zz_empty.png" in err)
+
+
+def test_bad_arguments_give_clear_errors(ants_bees, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "train", "--data", ants_bees, "--out", out, "--resume", *TINY)
+    assert code == 2 and "no checkpoint to resume from" in err
+    code, _, err = run(capsys, "train", "--data", ants_bees, "--out", out, "--batch-size", "64",
+                       *TINY[:-5], "--no-progress")
+    assert code == 2 and "larger than the 12 training images" in err
+    code, _, err = run(capsys, "train", "--data", ants_bees, "--out", out, "--amp", "fp16", *TINY)
+    assert code == 2 and "fp16 needs a CUDA device" in err
+    code, _, err = run(capsys, "train", "--data", ants_bees, "--out", out, "--set", "lr", *TINY)
+    assert code == 2 and "KEY=VALUE" in err
+    code, _, err = run(capsys, "train", "--data", ants_bees, "--out", out, "--recipe", "nope", *TINY)
+    assert code == 2 and "not a built-in recipe" in err
+    code, _, err = run(capsys, "train", "--out", out, *TINY)
+    assert code == 2 and "--data is required" in err
+    code, _, err = run(capsys, "train", "--data", ants_bees, "--out", out, "--arch", "resnet50", *TINY[2:])
+    assert code == 2 and "resnet50" in err
+    code, _, err = run(capsys, "train", "--data", ants_bees, "--out", out, "--epochs", "1", *TINY)
+    assert code == 0
+    code, _, err = run(capsys, "train", "--data", ants_bees, "--out", out, "--epochs", "1", *TINY)
+    assert code == 2 and "already holds a run" in err
+    # resuming must continue the same run: another network, data set or recipe is refused
+    code, _, err = run(capsys, "train", "--data", ants_bees, "--out", out, "--resume", "--epochs", "1",
+                       *TINY[:3], "0.5", *TINY[4:])
+    assert code == 2 and "different network spec" in err
+    other = subset(HYMENOPTERA, tmp_path / "other", 5)
+    code, _, err = run(capsys, "train", "--data", other, "--out", out, "--resume", "--epochs", "1", *TINY)
+    assert code == 2 and "different data set" in err
+    code, _, err = run(capsys, "train", "--out", out, "--resume", "--lr", "0.5", "--no-progress")
+    assert code == 2 and "changed recipe" in err and "lr" in err
+    torch.save({"model": {}}, tmp_path / "foreign.pt")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (tmp_path / "foreign.pt").rename(bad / "checkpoint.pt")
+    code, _, err = run(capsys, "train", "--data", ants_bees, "--out", bad, "--resume", *TINY)
+    assert code == 2 and "not an mnv3 training checkpoint" in err
+
+
+def test_resume_after_sigkill_ends_with_the_same_metrics(ants_bees, tmp_path, capsys):
+    args = ["train", "--data", ants_bees, "--epochs", "3", "--recipe", "finetune", "--ema-decay", "0.5",
+            "--checkpoint-steps", "1", *TINY]
+    code, _, err = run(capsys, *args, "--out", tmp_path / "whole")
+    assert code == 0, err
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "mnv3", *map(str, args), "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:     # kill in epoch 2, mid-epoch
+            if (out / "checkpoint.pt").exists():
+                try:
+                    ckpt = read_checkpoint(out / "checkpoint.pt")
+                except Exception:          # noqa: BLE001 - caught between rename and read
+                    ckpt = {}
+                if ckpt.get("epoch") == 1 and ckpt.get("batch", 0) >= 1:
+                    break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (out / "model.safetensors").exists() and len(metrics(out)) == 1
+    code, _, err = run(capsys, "train", "--out", out, "--resume", "--no-progress")
+    assert code == 0, err
+    whole, resumed = metrics(tmp_path / "whole"), metrics(out)
+    assert len(resumed) == 3
+    for a, b in zip(whole, resumed):
+        for key in ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5"):
+            assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-4, abs=1e-5), key
+    w1 = mnv3.load(tmp_path / "whole" / "model.safetensors").state_dict()
+    w2 = mnv3.load(out / "model.safetensors").state_dict()
+    assert all(torch.allclose(w1[k].float(), w2[k].float(), atol=1e-5) for k in w1)
+
+
+def test_torchrun_two_processes_match_one_process(ants_bees, tmp_path, capsys):
+    # A high learning rate so the weights move; without synchronised batch norm they end far apart.
+    args = ["train", "--data", ants_bees, "--epochs", "2", "--recipe", "finetune", "--dropout", "0",
+            "--label-smoothing", "0", "--lr", "0.3", *TINY]
+    code, _, err = run(capsys, *args, "--out", tmp_path / "single")
+    assert code == 0, err
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--standalone", "-m", "mnv3", *map(str, args), "--out", str(tmp_path / "ddp"),
+                           "--json"], capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count('"top1"') == 1          # one process reports
+    single, ddp = metrics(tmp_path / "single"), metrics(tmp_path / "ddp")
+    for a, b in zip(single, ddp):
+        for key in ("train_loss", "val_loss", "val_top1"):
+            assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-3, abs=1e-4), key
+    w1 = mnv3.load(tmp_path / "single" / "model.safetensors").state_dict()
+    w2 = mnv3.load(tmp_path / "ddp" / "model.safetensors").state_dict()
+    # (tiny per-process batches amplify float rounding a little; without sync BN they differ by ~100)
+    assert all(torch.allclose(w1[k].float(), w2[k].float(), rtol=1e-2, atol=5e-3) for k in w1)
+    assert any(not torch.allclose(w1[k].float(), mnv3.build(mnv3.preset("mobilenet_v3_small", 0.35, 32), 2)
+                                  .state_dict()[k].float(), atol=1e-2) for k in w1 if "classifier" not in k)
+
+
+# -- fine-tuning ---------------------------------------------------------------------------------------
+def test_finetune_from_the_authors_tflite_replaces_the_classifier(ants_bees, tmp_path, capsys):
+    out = tmp_path / "ft"
+    code, stdout, err = run(capsys, "train", "--data", ants_bees, "--weights", TFLITE, "--out", out,
+                            "--epochs", "1", "--resolution", "64", "--batch-size", "4", "--no-progress",
+                            "--json")
+    assert code == 0, err
+    model = mnv3.load(last_json(stdout)["model"])
+    assert model.num_classes == 2 and model.classifier.weight.shape == (2, 1280)
+    assert model.spec.name.startswith("mobilenet_v3_large_minimal") and model.spec.padding == "same"
+    assert model.meta.preprocess.mean == pytest.approx((0.5, 0.5, 0.5), abs=0.01)   # TF: [-1, 1] input
+    assert model.meta.source == str(TFLITE)
+
+
+def test_freeze_backbone_trains_the_head_only(ants_bees, tmp_path, capsys):
+    from mnv3.train.classify import train
+
+    start = mnv3.build(mnv3.preset("mobilenet_v3_small", 0.35, 32), 2)
+    torch.manual_seed(0)
+    start.reset_classifier(2)
+    mnv3.save(start, tmp_path / "start.safetensors", mnv3.ModelMeta(classes=("x", "y")))
+    recipe = load_recipe("finetune").override({"epochs": 1, "batch_size": 4, "resolution": 32,
+                                               "freeze_backbone": True, "lr": 0.5})
+    result = train(ants_bees, tmp_path / "frozen", weights=str(tmp_path / "start.safetensors"),
+                   recipe=recipe, progress=False)
+    before, after = mnv3.load(tmp_path / "start.safetensors"), mnv3.load(result.model_path)
+    b, a = before.state_dict(), after.state_dict()
+    backbone = [k for k in b if k.startswith(("stem.", "blocks.", "last_conv."))]
+    head = [k for k in b if k.startswith(("pre_logits.", "classifier."))]
+    assert backbone and head
+    assert all(torch.equal(b[k], a[k]) for k in backbone)      # BN statistics included
+    assert any(not torch.equal(b[k], a[k]) for k in head)
+
+
+def test_recipe_defaults_follow_the_data(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, "train", "--data", "digits", "--epochs", "1", "--width", "0.35",
+                       "--batch-size", "256", "--no-progress")
+    assert code == 0, err
+    assert "recipe cifar" in err and (tmp_path / "runs" / "digits-mobilenet_v3_small_035" / "model.safetensors").is_file()
+    model = mnv3.load(tmp_path / "runs" / "digits-mobilenet_v3_small_035" / "model.safetensors")
+    assert model.spec.total_stride() == 8 and model.meta.preprocess.resolution == 32
+    assert model.meta.preprocess.resize == 32        # crop_pct 1.0: small images are not cropped
+
