@@ -6,6 +6,7 @@ import dataclasses
 import json
 
 import pytest
+import torch
 
 import mnv3
 from mnv3 import ArchSpec, BlockSpec, HeadSpec, SpecError, StemSpec, reduced_tail, with_output_stride
@@ -431,3 +432,26 @@ def test_non_numeric_values_raise_spec_error(large, part, field):
     (data[part] if part else data)[field] = "0.2"
     with pytest.raises(SpecError, match=field):
         ArchSpec.from_dict(data)
+
+
+@pytest.mark.parametrize("total, stem, first_strided", [(16, 1, 0), (8, 1, 1), (4, 1, 3)])
+def test_total_stride_removes_the_earliest_strides(total, stem, first_strided):
+    small = mnv3.preset("mobilenet_v3_small", 1.0, 32)
+    spec = mnv3.with_total_stride(small, total)
+    assert spec.total_stride() == total and spec.stem.stride == stem
+    assert spec.name == f"{small.name}_s{total}"
+    assert [b.stride for b in spec.blocks][first_strided + 1:] == [b.stride for b in small.blocks][first_strided + 1:]
+    assert all(b.dilation == 1 for b in spec.blocks)
+    assert mnv3.count(spec, 10).params == mnv3.count(small, 10).params   # strides change no weights
+    assert ArchSpec.from_json(spec.to_json()) == spec
+    assert mnv3.build(spec, 10)(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_total_stride_rejects_bad_values():
+    small = mnv3.preset("mobilenet_v3_small")
+    assert mnv3.with_total_stride(small, 32) == small
+    for bad in (64, 3, 0):
+        with pytest.raises(SpecError, match="total_stride"):
+            mnv3.with_total_stride(small, bad)
+    with pytest.raises(SpecError, match="already dilated"):
+        mnv3.with_total_stride(with_output_stride(small, 16), 8)

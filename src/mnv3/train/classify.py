@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,72 @@ def prepare_model(data: ClassificationData, recipe: Recipe, arch: str | ArchSpec
                      mean=mean_std.mean, std=mean_std.std, interpolation=mean_std.interpolation)
     model.meta = ModelMeta(classes=data.classes, class_names=data.class_names, preprocess=pre,
                            source=str(weights) if weights else None)
+    if weights and has_folded_batchnorm(model):
+        n = unfold_batchnorm(model, data, pre)
+        if progress:
+            print(f"note: {weights} has batch norm folded into its convolutions; batch-norm statistics "
+                  f"were estimated on {n} training images so that training starts from the same network",
+                  file=sys.stderr)
     return model, pre
+
+
+def _batchnorms(model: torch.nn.Module) -> list[torch.nn.BatchNorm2d]:
+    return [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+
+
+def has_folded_batchnorm(model: torch.nn.Module) -> bool:
+    """Imported TFLite models carry batch norm folded into the convolutions: their BN layers are
+    the identity plus a bias (mean 0, variance 1 - eps, scale 1)."""
+    bns = _batchnorms(model)
+    return bool(bns) and all(
+        bool((bn.running_mean == 0).all() and torch.allclose(bn.running_var, torch.full_like(bn.running_var, 1 - bn.eps))
+             and (bn.weight == 1).all()) for bn in bns)
+
+
+@torch.no_grad()
+def unfold_batchnorm(model: torch.nn.Module, data: ClassificationData, pre: Preprocess,
+                     images: int = 128, batch: int = 32) -> int:
+    """Give folded BN layers real statistics without changing the network's function: with the
+    per-channel mean m and variance v of each BN input (measured on training images), set
+    running stats (m, v), scale sqrt(v + eps) and bias + m. In eval mode the output is unchanged;
+    in training mode, batch statistics now normalise as the pretrained network expects."""
+    from mnv3.data.datasets import EvalSet, collate
+
+    bns = _batchnorms(model)
+    sums: dict[int, list[torch.Tensor]] = {}
+
+    def hook(module, inputs):
+        x = inputs[0].double()
+        s = sums.setdefault(id(module), [torch.zeros(x.shape[1], dtype=torch.float64)] * 2 + [0])
+        sums[id(module)] = [s[0] + x.sum((0, 2, 3)), s[1] + (x * x).sum((0, 2, 3)), s[2] + x.numel() / x.shape[1]]
+
+    handles = [bn.register_forward_pre_hook(hook) for bn in bns]
+    g = torch.Generator().manual_seed(0)
+    chosen = torch.randperm(len(data.train), generator=g)[:images].tolist()
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(EvalSet(data.train, pre), chosen),
+                                         batch_size=batch, collate_fn=collate)
+    was_training, seen = model.training, 0
+    model.eval()
+    try:
+        for x, _, _ in loader:
+            if x is not None:
+                model(x)
+                seen += len(x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if not seen:
+        raise TrainError("none of the training images could be read to calibrate batch norm")
+    for bn in bns:
+        total, squares, n = sums[id(bn)]
+        mean = total / n
+        var = (squares / n - mean * mean).clamp_min(0)
+        bn.running_mean.copy_(mean)
+        bn.running_var.copy_(var)
+        bn.weight.copy_((var + bn.eps).sqrt())
+        bn.bias.add_(mean.to(bn.bias.dtype))
+    return seen
 
 
 def identity(model: MobileNet, data: ClassificationData) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import os
 import sys
 from dataclasses import fields
 
-from mnv3.train.recipe import Recipe, RecipeError, builtin_recipes, load_recipe
+from mnv3.train.recipe import HELP, Recipe, RecipeError, builtin_recipes, load_recipe
 
 _NOT_FLAGS = ("name", "about")
 
@@ -59,10 +59,10 @@ def add_parser(sub) -> None:
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
             group.add_argument(flag, dest=f"recipe_{f.name}", action=argparse.BooleanOptionalAction,
-                               default=None)
+                               default=None, help=HELP.get(f.name))
         else:
             group.add_argument(flag, dest=f"recipe_{f.name}", metavar=f.name.split("_")[-1].upper(),
-                               default=None)
+                               default=None, help=HELP.get(f.name))
     p.set_defaults(func=cmd_train)
 
 

@@ -241,6 +241,28 @@ class Trainer:
         self.state["step"] += 1
         return float(loss.detach()), self.task.train_stats(out.detach(), y)
 
+    def benchmark(self, steps: int, warmup: int = 2) -> float:
+        """Training throughput, images per second over `steps` optimizer steps after `warmup`,
+        data loading included (what a run would see). Changes the weights; for measuring only."""
+        if not hasattr(self, "net"):
+            self.prepare()
+        if steps + warmup > self.steps_per_epoch:
+            raise TrainError(f"benchmark: {steps} + {warmup} steps exceed one epoch ({self.steps_per_epoch})")
+        self._set_train_mode()
+        d = self.dist
+        sampler = EpochBatches(len(self.train_set), self.world_batch, seed=self.recipe.seed,
+                               epoch=self.state["step"], rank=d.rank, world=d.world)
+        batches = iter(self._loader(self.train_set, sampler))
+        for _ in range(warmup):
+            x, y, _ = next(batches)
+            self.train_step(x, y)
+        start, images = time.perf_counter(), 0
+        for _ in range(steps):
+            x, y, _ = next(batches)
+            self.train_step(x, y)
+            images += len(y) * d.world
+        return images / (time.perf_counter() - start)
+
     def _set_train_mode(self) -> None:
         self.model.train()
         for m in self.frozen:    # a frozen backbone keeps its batch-norm statistics too

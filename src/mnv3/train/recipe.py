@@ -143,6 +143,40 @@ class Recipe:
         return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * t))
 
 
+HELP = {
+    "epochs": "epochs to train",
+    "batch_size": "global batch (summed over data-parallel processes)",
+    "optimizer": "sgd, rmsprop or adamw",
+    "lr": "learning rate at batch LR_BATCH (scaled linearly to --batch-size)",
+    "lr_batch": "the batch size --lr is given for",
+    "momentum": "SGD/RMSProp momentum",
+    "nesterov": "Nesterov momentum (SGD)",
+    "rmsprop_alpha": "RMSProp decay of the squared-gradient average",
+    "rmsprop_eps": "RMSProp epsilon (added outside the square root, as torch does)",
+    "weight_decay": "L2 weight decay on conv/linear weights",
+    "schedule": "cosine, step (x DECAY_RATE every DECAY_EPOCHS) or constant",
+    "warmup_epochs": "linear warm-up length in epochs (may be fractional)",
+    "decay_epochs": "step schedule: epochs between decays",
+    "decay_rate": "step schedule: factor applied at each decay",
+    "min_lr": "cosine schedule: final rate as a fraction of the peak",
+    "label_smoothing": "label smoothing of the cross-entropy",
+    "dropout": "dropout before the classifier (none: keep the network's)",
+    "ema_decay": "EMA of the weights (0: off); the EMA weights are evaluated and saved",
+    "clip_grad": "clip the gradient norm to this (0: off)",
+    "amp": "mixed precision: none, bf16 (CPU or CUDA) or fp16 (CUDA)",
+    "channels_last": "NHWC memory format (faster depthwise convolutions on CPUs)",
+    "compile": "torch.compile the network",
+    "sync_bn": "batch-norm statistics over the global batch under torchrun",
+    "augment": "rrc (random resized crop), padcrop (padded random crop, small images) or none",
+    "min_scale": "rrc: smallest crop, as a fraction of the image area",
+    "hflip": "random horizontal flips",
+    "crop_pct": "evaluation: resize to RESOLUTION / CROP_PCT, then center-crop",
+    "resolution": "training and evaluation input size",
+    "freeze_backbone": "train the head only (pre-logits and classifier); the backbone's BN stays frozen",
+    "seed": "seed of weights, data order, augmentation and dropout",
+}
+
+
 # -- loading ---------------------------------------------------------------------------------------
 def builtin_recipes() -> list[str]:
     folder = resources.files("mnv3.resources") / "recipes"
