@@ -30,10 +30,14 @@ def main() -> None:
     parser.add_argument("--out", help="run folder (default: a temporary folder)")
     parser.add_argument("--freeze-backbone", action="store_true", help="train the head only")
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a value of the finetune recipe (repeatable)")
     args = parser.parse_args()
     if args.epochs > 5:
         parser.error("the goal is for at most 5 epochs")
-    recipe = load_recipe("finetune").override({"epochs": args.epochs, "freeze_backbone": args.freeze_backbone})
+    changes = dict(item.split("=", 1) for item in args.set)
+    recipe = load_recipe("finetune").override({"epochs": args.epochs, "freeze_backbone": args.freeze_backbone,
+                                               **changes})
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.out) if args.out else Path(tmp) / "run"
         start = time.perf_counter()

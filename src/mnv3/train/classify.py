@@ -46,11 +46,13 @@ def prepare_model(data: ClassificationData, recipe: Recipe, arch: str | ArchSpec
         target = with_total_stride(target, total_stride)
     if recipe.dropout is not None and recipe.dropout != target.head.dropout:
         target = target.replace(head=dataclasses.replace(target.head, dropout=recipe.dropout))
+    if recipe.bn_momentum is not None:
+        target = target.replace(bn_momentum=recipe.bn_momentum)
     n = len(data.classes)
     if model is None:
         model = build(target, n)
     else:
-        if target != model.spec:       # stride, resolution and dropout change no weight shape
+        if target != model.spec:       # stride, resolution, dropout and BN momentum change no weight shape
             rebuilt = build(target, model.num_classes)
             rebuilt.load_state_dict(model.state_dict())
             model = rebuilt

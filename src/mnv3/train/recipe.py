@@ -51,6 +51,7 @@ class Recipe:
     min_lr: float = 0.0              # cosine schedule: the final rate, as a fraction of the peak
     label_smoothing: float = 0.0
     dropout: float | None = None     # None keeps the network spec's dropout
+    bn_momentum: float | None = None # None keeps the spec's (0.01, TF's 0.99 decay: slow for short runs)
     ema_decay: float = 0.0           # 0 turns the exponential moving average of weights off
     clip_grad: float = 0.0           # max gradient norm; 0 turns clipping off
     amp: str = "none"
@@ -85,6 +86,8 @@ class Recipe:
                 raise bad(key, "expected a number in [0, 1)")
         if self.dropout is not None and not 0 <= self.dropout < 1:
             raise bad("dropout", "expected a number in [0, 1) or null")
+        if self.bn_momentum is not None and not 0 < self.bn_momentum <= 1:
+            raise bad("bn_momentum", "expected a number in (0, 1] or null")
         if not 0 < self.decay_rate <= 1 or self.decay_epochs <= 0:
             raise RecipeError(f"recipe {self.name!r}: decay_rate must be in (0, 1] and decay_epochs > 0")
         if not 0 < self.min_scale <= 1 or not 0 < self.crop_pct <= 1:
@@ -161,6 +164,7 @@ HELP = {
     "min_lr": "cosine schedule: final rate as a fraction of the peak",
     "label_smoothing": "label smoothing of the cross-entropy",
     "dropout": "dropout before the classifier (none: keep the network's)",
+    "bn_momentum": "batch-norm running-statistics momentum (none: keep the network's)",
     "ema_decay": "EMA of the weights (0: off); the EMA weights are evaluated and saved",
     "clip_grad": "clip the gradient norm to this (0: off)",
     "amp": "mixed precision: none, bf16 (CPU or CUDA) or fp16 (CUDA)",
@@ -222,7 +226,7 @@ def _field_type(f: dataclasses.Field) -> type:
 
 
 def _nullable(key: str) -> bool:
-    return key in ("dropout", "resolution")
+    return key in ("dropout", "resolution", "bn_momentum")
 
 
 def parse_value(key: str, text: str, kind: type) -> Any:
