@@ -3,11 +3,12 @@ the proxy task the search will use. The network keeps its blocks but downsamples
 instead of 32 (stem and first block at stride 1: `mnv3.with_total_stride`).
 
 First, training throughput (img/s, data loading included) of our network and of torchvision's
-MobileNetV3-Small given the same stride profile, in the same engine, in alternating rounds; then
+MobileNetV3-Small given the same stride profile, in the same engine, as single steps taken in
+alternation (the machine's drifts hit both alike); then
 our network is trained with the `cifar` recipe for as many epochs as fit the budget. Prints test
 top-1, both img/s and their ratio.
 
-    python bench/train_cifar10.py [--minutes 20] [--rounds 3] [--steps 20] [--workers 1]
+    python bench/train_cifar10.py [--minutes 20] [--pairs 40] [--workers 1]
 """
 
 from __future__ import annotations
@@ -46,8 +47,7 @@ def torchvision_small(spec, num_classes: int) -> torch.nn.Module:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=20.0, help="training budget (default 20)")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating throughput rounds")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per round")
+    parser.add_argument("--pairs", type=int, default=40, help="paired single training steps timed")
     parser.add_argument("--workers", type=int, default=1, help="data-loading processes")
     parser.add_argument("--out", help="run folder (default: a temporary folder)")
     args = parser.parse_args()
@@ -62,18 +62,21 @@ def main() -> None:
           f"channels_last {recipe.channels_last}, {torch.get_num_threads()} threads, {args.workers} loader workers")
 
     with tempfile.TemporaryDirectory() as tmp:
-        trainers = {name: Trainer(model, data, recipe, RunOptions(Path(tmp) / name, workers=args.workers,
+        trainers = {name: Trainer(model, data, recipe, RunOptions(Path(tmp) / name, workers=0,
                                                                   progress=False),
                                   ClassificationTask(recipe.label_smoothing), Dist(), pre, {}, None)
                     for name, model in (("mnv3", ours), ("torchvision", theirs))}
         speed: dict[str, list[float]] = {name: [] for name in trainers}
-        for r in range(args.rounds):
+        for trainer in trainers.values():     # warm-up: first steps allocate and pick kernels
+            trainer.benchmark(2, warmup=1)
+        for r in range(args.pairs):     # single steps, alternating, so drifts hit both alike
             order = list(trainers) if r % 2 == 0 else list(reversed(trainers))
             for name in order:
-                speed[name].append(trainers[name].benchmark(args.steps))
-            print(f"round {r + 1}: " + ", ".join(f"{n} {speed[n][-1]:.0f} img/s" for n in trainers))
+                speed[name].append(trainers[name].benchmark(1, warmup=0))
         ratio = statistics.median(a / b for a, b in zip(speed["mnv3"], speed["torchvision"]))
         img_s = {n: statistics.median(v) for n, v in speed.items()}
+        print(f"throughput over {args.pairs} paired steps: " +
+              ", ".join(f"{n} {img_s[n]:.0f} img/s" for n in trainers))
         del trainers
 
         per_epoch = len(data.train) / img_s["mnv3"] + len(data.val) / (3 * img_s["mnv3"])
@@ -89,7 +92,8 @@ def main() -> None:
     print(f"\nMobileNetV3-Small (stride 8) from scratch on CIFAR-10, {epochs} epoch(s), {minutes:.1f} min: "
           f"test top-1 {top1:.4f}, top-5 {result.metrics['val_top5']:.4f}")
     print(f"training throughput, same engine and stride profile: mnv3 {img_s['mnv3']:.0f} img/s, torchvision "
-          f"{img_s['torchvision']:.0f} img/s, ratio {ratio:.2f} (median of {args.rounds} paired rounds; "
+          f"{img_s['torchvision']:.0f} img/s, ratio {ratio:.3f} (median of {args.pairs} paired steps, data loading in the "
+          f"main process; "
           f"{'not slower' if ratio >= 0.97 else 'SLOWER'})")
     path = write_csv("train_cifar10.csv", [{
         "epochs": epochs, "minutes": round(minutes, 1), "test_top1": round(top1, 4),

@@ -305,8 +305,10 @@ def test_torchrun_two_processes_match_one_process(ants_bees, tmp_path, capsys):
             assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-3, abs=1e-4), key
     w1 = mnv3.load(tmp_path / "single" / "model.safetensors").state_dict()
     w2 = mnv3.load(tmp_path / "ddp" / "model.safetensors").state_dict()
-    # (tiny per-process batches amplify float rounding a little; without sync BN they differ by ~100)
-    assert all(torch.allclose(w1[k].float(), w2[k].float(), rtol=1e-2, atol=5e-3) for k in w1)
+    # Tiny per-process batches (2 images) amplify float rounding a little, most in the running
+    # variances; without synchronised batch norm the weights differ by ~100.
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-3) for k in w1 if "running" not in k and w1[k].is_floating_point())
+    assert all(torch.allclose(w1[k], w2[k], rtol=5e-2, atol=1e-3) for k in w1 if "running" in k)
     assert any(not torch.allclose(w1[k].float(), mnv3.build(mnv3.preset("mobilenet_v3_small", 0.35, 32), 2)
                                   .state_dict()[k].float(), atol=1e-2) for k in w1 if "classifier" not in k)
 
@@ -355,3 +357,85 @@ def test_recipe_defaults_follow_the_data(tmp_path, capsys, monkeypatch):
     assert model.spec.total_stride() == 8 and model.meta.preprocess.resolution == 32
     assert model.meta.preprocess.resize == 32        # crop_pct 1.0: small images are not cropped
 
+
+
+def test_finetune_from_a_torchvision_state_dict(ants_bees, tmp_path, capsys):
+    import torchvision
+
+    torch.manual_seed(0)
+    peer = torchvision.models.mobilenet_v3_small()     # 1000 ImageNet-shaped outputs
+    torch.save(peer.state_dict(), tmp_path / "tv.pth")
+    code, stdout, err = run(capsys, "train", "--data", ants_bees, "--weights", tmp_path / "tv.pth",
+                            "--out", tmp_path / "ft",
+                            "--epochs", "1", "--resolution", "32", "--batch-size", "4", "--no-progress", "--json")
+    assert code == 0, err
+    model = mnv3.load(last_json(stdout)["model"])
+    assert model.num_classes == 2
+    assert model.spec.blocks == mnv3.preset("mobilenet_v3_small").blocks and model.spec.bn_momentum == 0.1
+    # the backbone starts from the peer's weights (a few small steps later, still close to them)
+    theirs = peer.state_dict()
+    assert torch.allclose(model.stem.conv.weight, theirs["features.0.0.weight"], atol=1e-2)
+    assert not torch.allclose(model.stem.conv.weight, mnv3.build(model.spec, 2).stem.conv.weight, atol=1e-2)
+
+
+def test_bf16_channels_last_clipping_and_ema(ants_bees, tmp_path, capsys):
+    code, stdout, err = run(capsys, "train", "--data", ants_bees, "--out", tmp_path / "run", "--epochs", "1",
+                            "--amp", "bf16", "--channels-last", "--clip-grad", "1.0", "--ema-decay", "0.9",
+                            "--optimizer", "adamw", "--lr", "0.001", "--json", *TINY)
+    assert code == 0, err
+    row = metrics(tmp_path / "run")[0]
+    assert float(row["train_loss"]) == pytest.approx(float(row["train_loss"]))    # finite, not NaN
+    assert 0 <= last_json(stdout)["top1"] <= 1
+
+
+def test_compiled_training(ants_bees, tmp_path, capsys):
+    # compile time grows with the graph: two blocks keep this test short
+    small = mnv3.preset("mobilenet_v3_small", 0.35, 32)
+    small.replace(blocks=small.blocks[:2]).save(tmp_path / "two_blocks.json")
+    code, _, err = run(capsys, "train", "--data", ants_bees, "--out", tmp_path / "run", "--epochs", "1",
+                       "--compile", *TINY[4:], "--arch", tmp_path / "two_blocks.json")
+    assert code == 0, err
+    assert json.loads((tmp_path / "run" / "recipe.json").read_text())["compile"] is True
+
+
+def _torchrun(args: list, out: Path, **kw) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "mnv3", *map(str, args), "--out", str(out)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_torchrun_resume_after_sigkill_matches_an_uninterrupted_run(ants_bees, tmp_path):
+    # dropout on: each process's random stream must be restored, and the epoch's partial sums of
+    # both processes carried over
+    args = ["train", "--data", ants_bees, "--epochs", "2", "--recipe", "finetune", "--lr", "0.3",
+            "--checkpoint-steps", "1", *TINY]
+    whole = _torchrun(args, tmp_path / "whole")
+    assert whole.wait(timeout=600) == 0, whole.stderr.read()[-3000:]
+    out = tmp_path / "killed"
+    proc = _torchrun(args, out, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                ckpt = read_checkpoint(out / "checkpoint.pt") if (out / "checkpoint.pt").exists() else {}
+            except Exception:          # noqa: BLE001 - caught between rename and read
+                ckpt = {}
+            if ckpt.get("epoch") == 1 and ckpt.get("batch", 0) >= 1:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)      # the launcher and both workers
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert not (out / "model.safetensors").exists()
+    resumed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                              "-m", "mnv3", "train", "--out", str(out), "--resume", "--no-progress"],
+                             env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                             timeout=600, check=False)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for a, b in zip(metrics(tmp_path / "whole"), metrics(out), strict=True):
+        for key in ("train_loss", "train_top1", "val_loss", "val_top1"):
+            assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-4, abs=1e-5), key

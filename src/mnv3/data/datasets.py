@@ -92,10 +92,13 @@ def _open(text: str) -> ClassificationData:
         raise DataError(f"{root}: no such folder. --data takes a folder with train/ and val/ "
                         f"(or test/) class folders, or one of: {', '.join(NAMED)}")
     data_set = image_folders(root)
-    try:   # small images (CIFAR-like) are trained at their own size, with a shallower stride
-        side = max(data_set.train.image(0).size)
-    except DataError:
-        side = None
+    side = None      # small images (CIFAR-like) are trained at their own size, with a shallower stride
+    for i in range(min(5, len(data_set.train))):
+        try:
+            side = max(data_set.train.image(i).size)
+            break
+        except DataError:
+            continue
     if side is not None and side <= 64:
         data_set.resolution, data_set.total_stride = max(8, side // 8 * 8), 8
     return data_set

@@ -31,7 +31,7 @@ def load_image(path: str | Path) -> Image.Image:
         with Image.open(path) as img:
             img.load()
             return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from None
 
 

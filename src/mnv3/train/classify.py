@@ -13,6 +13,7 @@ import torch
 
 from mnv3.arch import ArchSpec, with_total_stride
 from mnv3.data.datasets import ClassificationData, open_data
+from mnv3.files import atomic_write_text
 from mnv3.nn import MobileNet, build
 from mnv3.presets import resolve_arch
 from mnv3.train.distributed import Dist, setup, teardown
@@ -55,6 +56,7 @@ def prepare_model(data: ClassificationData, recipe: Recipe, arch: str | ArchSpec
         if target != model.spec:       # stride, resolution, dropout and BN momentum change no weight shape
             rebuilt = build(target, model.num_classes)
             rebuilt.load_state_dict(model.state_dict())
+            rebuilt.meta = model_meta(model)
             model = rebuilt
         if model.num_classes != n or model_meta(model).classes != data.classes:
             model.reset_classifier(n)
@@ -146,6 +148,8 @@ def train(data: str | ClassificationData, out: str | Path, *, arch: str | ArchSp
     recipe = recipe or Recipe()
     out = Path(out)
     data_set = open_data(data) if not isinstance(data, ClassificationData) else data
+    if workers < 0 or checkpoint_steps < 0:
+        raise TrainError("--workers and --checkpoint-steps must be >= 0")
     if not resume and ((out / "checkpoint.pt").exists() or (out / "model.safetensors").exists()):
         raise TrainError(f"{out} already holds a run; pass --resume to continue it, or choose "
                          "another --out")
@@ -156,7 +160,7 @@ def train(data: str | ClassificationData, out: str | Path, *, arch: str | ArchSp
                   "arch": arch.to_dict() if isinstance(arch, ArchSpec) else arch, "weights": weights, "total_stride": total_stride}
         if d.main and not resume:
             out.mkdir(parents=True, exist_ok=True)
-            (out / "run.json").write_text(json.dumps(inputs, indent=2) + "\n")
+            atomic_write_text(out / "run.json", json.dumps(inputs, indent=2) + "\n")
 
         def save_model(module: MobileNet, path: Path, metrics: dict[str, float]) -> None:
             meta = dataclasses.replace(model.meta, training={
@@ -178,9 +182,18 @@ def run_inputs(out: str | Path) -> dict[str, Any]:
     path = Path(out) / "run.json"
     if not path.is_file():
         return {}
-    return json.loads(path.read_text())
+    try:
+        return dict(json.loads(path.read_text()))
+    except (ValueError, TypeError):
+        raise TrainError(f"{path}: damaged; pass --data (and --arch or --weights) again with --resume") from None
 
 
 def saved_recipe(out: str | Path) -> Recipe | None:
     path = Path(out) / "recipe.json"
-    return Recipe.from_dict(json.loads(path.read_text()), str(path)) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except ValueError:
+        raise TrainError(f"{path}: damaged; pass --recipe with --resume") from None
+    return Recipe.from_dict(data, str(path))

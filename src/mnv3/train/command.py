@@ -99,8 +99,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.width is not None:
         from mnv3.presets import resolve_arch
 
-        if args.weights:
-            raise TrainError("--width applies to a preset --arch, not to --weights")
         arch = resolve_arch(arch or "mobilenet_v3_small", args.width)
     weights = args.weights or earlier.get("weights")
     total_stride = args.total_stride or earlier.get("total_stride")

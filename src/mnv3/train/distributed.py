@@ -13,6 +13,10 @@ from torch import nn
 CPU = torch.device("cpu")
 
 
+class TrainError(ValueError):
+    """A run cannot start or resume; the message says why and what to do."""
+
+
 @dataclass(frozen=True)
 class Dist:
     rank: int = 0
@@ -52,10 +56,13 @@ def setup(device: str = "auto") -> Dist:
     """Join the process group when started by torchrun (RANK/WORLD_SIZE set), else a single process."""
     want_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda: no CUDA device is available; use --device cpu")
+        raise TrainError("--device cuda: no CUDA device is available; use --device cpu")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
+    if want_cuda and local >= torch.cuda.device_count():
+        raise TrainError(f"process {local} has no GPU of its own ({torch.cuda.device_count()} visible); "
+                         "start at most one process per GPU (--nproc_per_node)")
     if want_cuda:
         torch.cuda.set_device(local)
         dev = torch.device("cuda", local)
@@ -81,6 +88,7 @@ class CpuSyncBatchNorm(nn.BatchNorm2d):
                 and dist.get_world_size() > 1):
             return super().forward(x)
         all_reduce = _differentiable_all_reduce()
+        dtype, x = x.dtype, x.float()        # statistics in float32, as native batch norm keeps them
         c = x.shape[1]
         count = torch.full((1,), x.numel() / c, dtype=x.dtype, device=x.device)
         totals = all_reduce(torch.cat([x.sum((0, 2, 3)), count]))
@@ -97,7 +105,7 @@ class CpuSyncBatchNorm(nn.BatchNorm2d):
                 self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
                 self.running_var.mul_(1 - m).add_(var.detach() * (n / (n - 1)), alpha=m)
                 self.num_batches_tracked.add_(1)
-        return out
+        return out.to(dtype)
 
 
 def _differentiable_all_reduce():

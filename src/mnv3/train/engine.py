@@ -22,14 +22,10 @@ from torch import nn
 from mnv3.data.datasets import ClassificationData, EpochBatches, EvalSet, TrainSet, collate
 from mnv3.data.images import DataError
 from mnv3.files import atomic_write, atomic_write_csv, atomic_write_text
-from mnv3.train.distributed import Dist, convert_sync_bn
+from mnv3.train.distributed import Dist, TrainError, convert_sync_bn
 from mnv3.train.recipe import Recipe
 
 CHECKPOINT_FORMAT = "mnv3.checkpoint/1"
-
-
-class TrainError(ValueError):
-    """A run cannot start or resume; the message says why and what to do."""
 
 
 # -- tasks -----------------------------------------------------------------------------------------
@@ -161,7 +157,7 @@ class Trainer:
             raise TrainError("--freeze-backbone: this network has no stem/blocks/last_conv to freeze")
         self.ema = Ema(model, r.ema_decay) if r.ema_decay > 0 else None
         self.optimizer = make_optimizer(model, r)
-        self.scaler = torch.amp.GradScaler("cuda") if r.amp == "fp16" else None
+        self.scaler = _grad_scaler() if r.amp == "fp16" else None
         net: nn.Module = model
         if d.active:
             net = nn.parallel.DistributedDataParallel(
@@ -178,11 +174,11 @@ class Trainer:
                 "ema_updates": self.ema.updates if self.ema else 0,
                 "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler else None,
-                "rng": torch.get_rng_state(), "world": self.dist.world, **self.state}
+                "rng": self._rng_states(), "world": self.dist.world, **self.state}
 
     def save_checkpoint(self) -> None:
+        ckpt = self._checkpoint()      # on every process: the random states are gathered
         if self.dist.main:
-            ckpt = self._checkpoint()
             atomic_write(self.ckpt_path, lambda tmp: torch.save(ckpt, tmp))
         self.dist.barrier()
 
@@ -196,10 +192,27 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.scaler is not None and ckpt["scaler"] is not None:
             self.scaler.load_state_dict(ckpt["scaler"])
-        if ckpt.get("world") == self.dist.world:
-            torch.set_rng_state(ckpt["rng"])
+        if ckpt.get("world") == self.dist.world:       # each process continues its own dropout stream
+            mine = ckpt["rng"][self.dist.rank]
+            torch.set_rng_state(mine["cpu"])
+            if mine.get("cuda") is not None and self.dist.device.type == "cuda":
+                torch.cuda.set_rng_state(mine["cuda"], self.dist.device)
         for key in self.state:
             self.state[key] = ckpt[key]
+        if not self.dist.main and self.state["running"] is not None:   # process 0 carries the sums
+            self.state["running"] = {**self.state["running"], "loss": 0.0, "n": 0, "skipped": 0,
+                                     "stats": [0.0] * len(self.state["running"]["stats"] or []) or None}
+
+    def _rng_states(self) -> list[dict[str, Any]]:
+        mine = {"cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(self.dist.device) if self.dist.device.type == "cuda" else None}
+        if not self.dist.active:
+            return [mine]
+        import torch.distributed as tdist
+
+        states: list[Any] = [None] * self.dist.world
+        tdist.all_gather_object(states, mine)
+        return states
 
     # -- steps -----------------------------------------------------------------------------------
     def _autocast(self):
@@ -208,8 +221,10 @@ class Trainer:
         dtype = torch.bfloat16 if self.recipe.amp == "bf16" else torch.float16
         return torch.autocast(self.dist.device.type, dtype=dtype)
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, list[float]]:
-        """One optimizer step on a local batch; returns (loss, task train statistics)."""
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, weight: float = 1.0) -> tuple[float, list[float]]:
+        """One optimizer step on a local batch; returns (loss, task train statistics). `weight`
+        scales this process's loss when local batches differ in size (skipped images), so the
+        averaged gradient is still the global batch's mean."""
         r = self.recipe
         lr = r.lr_at(self.state["step"], self.steps_per_epoch)
         for group in self.optimizer.param_groups:
@@ -220,10 +235,15 @@ class Trainer:
         with self._autocast():
             out = self.net(x)
             loss = self.task.loss(out, y)
-        if not torch.isfinite(loss):
+        finite = bool(torch.isfinite(loss))
+        if self.dist.active:
+            finite = self.dist.sum([0.0 if finite else 1.0])[0] == 0
+        if not finite:
             raise TrainError(f"the loss became {float(loss)} at step {self.state['step']}; lower the "
                              "learning rate (--lr) or turn on gradient clipping (--clip-grad 1.0)")
         self.optimizer.zero_grad(set_to_none=True)
+        if weight != 1.0:
+            loss = loss * weight
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
@@ -239,7 +259,7 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.model)
         self.state["step"] += 1
-        return float(loss.detach()), self.task.train_stats(out.detach(), y)
+        return float(loss.detach()) / weight, self.task.train_stats(out.detach(), y)
 
     def benchmark(self, steps: int, warmup: int = 2) -> float:
         """Training throughput, images per second over `steps` optimizer steps after `warmup`,
@@ -252,6 +272,7 @@ class Trainer:
         d = self.dist
         sampler = EpochBatches(len(self.train_set), self.world_batch, seed=self.recipe.seed,
                                epoch=self.state["step"], rank=d.rank, world=d.world)
+        self.train_set.epoch = self.state["step"]
         batches = iter(self._loader(self.train_set, sampler))
         for _ in range(warmup):
             x, y, _ = next(batches)
@@ -279,6 +300,8 @@ class Trainer:
             self.restore()
         if d.main:
             self.out.mkdir(parents=True, exist_ok=True)
+            for stale in self.out.glob(".checkpoint.pt.*.tmp"):    # left by a kill mid-write
+                stale.unlink(missing_ok=True)
             atomic_write_text(self.out / "recipe.json", _json(r.to_dict()))
         while self.state["epoch"] < r.epochs:
             epoch, start = self.state["epoch"], self.state["batch"]
@@ -295,13 +318,16 @@ class Trainer:
             t0, images = time.perf_counter(), 0
             for x, y, errors in loader:
                 self._count_errors(errors, running)
-                if x is None:
-                    if d.active:
-                        raise DataError("a whole local batch was unreadable: " + errors[0])
+                local = 0 if x is None else len(y)
+                total = int(d.sum([float(local)])[0]) if d.active else local
+                if local == 0 or total == 0:
+                    if d.active and total:     # every process must step together, or none
+                        raise DataError(f"all {len(errors)} images of this process's share of a batch "
+                                        f"were unreadable ({errors[0]}); remove the unreadable files")
                     self.state["batch"] += 1
                     bar.update()
                     continue
-                loss, stats = self.train_step(x, y)
+                loss, stats = self.train_step(x, y, weight=local * d.world / total)
                 running["loss"] += loss * len(y)
                 running["stats"] = stats if running["stats"] is None else \
                     [a + b for a, b in zip(running["stats"], stats)]
@@ -316,24 +342,37 @@ class Trainer:
                         and self.state["batch"] < self.steps_per_epoch:
                     running["seconds"] += time.perf_counter() - t0
                     t0, images = time.perf_counter(), 0
-                    self.state["running"] = running
+                    self.state["running"] = self._global_running(running)
                     self.save_checkpoint()
             bar.close()
             running["seconds"] += time.perf_counter() - t0
             row = self._end_epoch(epoch, running)
             self.state.update(epoch=epoch + 1, batch=0, running=None)
             self.state["history"].append(row)
-            self.state["skipped"] += running["skipped"]
-            self.save_checkpoint()
-            if d.main:
+            self.state["skipped"] += row["skipped"]
+            if d.main:       # outputs first: a kill before the checkpoint repeats the epoch, losing nothing
                 self._log_epoch(row)
+            self.save_checkpoint()
         return self._finish()
 
+    def _global_running(self, running: dict[str, Any]) -> dict[str, Any]:
+        """The epoch's running sums over all processes (what a checkpoint stores; on resume,
+        process 0 carries them and the others start from zero)."""
+        if not self.dist.active:
+            return running
+        stats = running["stats"] or []
+        sums = self.dist.sum([running["loss"], float(running["n"]), float(running["skipped"]), *stats])
+        return {**running, "loss": sums[0], "n": int(sums[1]), "skipped": int(sums[2]),
+                "stats": sums[3:] or None}
+
     def _count_errors(self, errors: list[str], running: dict[str, Any]) -> None:
+        if self.opts.strict:
+            anywhere = self.dist.sum([float(len(errors))])[0] if self.dist.active else len(errors)
+            if anywhere:
+                where = errors[0] if errors else "in another process's share of the batch"
+                raise DataError(f"unreadable image: {where} (--strict stops at the first one)")
         if not errors:
             return
-        if self.opts.strict:
-            raise DataError(f"{errors[0]} (--strict stops at the first unreadable image)")
         running["skipped"] += len(errors)
         running["errors"] = (running["errors"] + errors)[:5]
 
@@ -364,8 +403,8 @@ class Trainer:
         sums, skipped = None, 0
         for x, y, errors in self._loader(self.val_set, sampler):
             skipped += len(errors)
-            if errors and self.opts.strict:
-                raise DataError(f"{errors[0]} (--strict)")
+            if errors and self.opts.strict and not d.active:
+                raise DataError(f"unreadable image: {errors[0]} (--strict)")
             if x is None:
                 continue
             x, y = x.to(d.device), y.to(d.device)
@@ -375,7 +414,11 @@ class Trainer:
                 stats = [*self.task.eval_stats(model(x), y), float(len(y))]
             sums = stats if sums is None else [a + b for a, b in zip(sums, stats)]
         model.train(was_training)
-        total = d.sum([*(sums or [0.0] * 4), float(skipped)])
+        if sums is None:       # this process read nothing: as many zeros as the task's statistics
+            sums = [0.0] * (len(self.task.metrics([0.0] * 8, "val")) + 1)
+        total = d.sum([*sums, float(skipped)])
+        if self.opts.strict and total[-1]:
+            raise DataError(f"{int(total[-1])} validation image(s) unreadable (--strict)")
         if total[-2] == 0:
             raise DataError(f"none of the {len(self.val_set)} validation images could be read")
         return {**self.task.metrics(total[:-1], "val"), "val_skipped": int(total[-1])}
@@ -412,7 +455,7 @@ class Trainer:
                 self.opts.tensorboard = False
                 return None
             self._writer = SummaryWriter(str(self.out / "tensorboard"),
-                                         purge_step=len(self.state["history"]))
+                                         purge_step=len(self.state["history"]) + 1)   # epochs are 1-based
         return self._writer
 
     def _finish(self) -> TrainResult:
@@ -476,6 +519,12 @@ def check_resume(ckpt: dict[str, Any], identity: dict[str, Any], recipe: Recipe,
     if diff:
         raise TrainError(f"{path}: cannot resume with a changed recipe ({'; '.join(diff)}). "
                          "Drop those overrides to continue, or start a new run in another --out")
+
+
+def _grad_scaler():
+    if hasattr(torch.amp, "GradScaler"):      # torch >= 2.3
+        return torch.amp.GradScaler("cuda")
+    return torch.cuda.amp.GradScaler()
 
 
 def _short(value: Any) -> str:
