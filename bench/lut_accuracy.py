@@ -1,0 +1,66 @@
+"""Accuracy of the latency predictor on this machine, in one run: build (or resume) the lookup table
+for a space and runtime, calibrate on random networks, then measure other random networks end to
+end and compare. Prints MAPE, RMSE and the share within ±5% / ±10% per runtime (the goal is 95%
+within ±10%), and writes one row per validated network to bench/results/lut_accuracy_RUNTIME.csv.
+
+    python bench/lut_accuracy.py [--runtimes onnxruntime litert] [--space mobilenet_v3_large]
+                                 [--calibrate 24] [--n 40] [--db sqlite:///lut-accuracy.sqlite]
+
+Run it on a quiet machine: every other process on the cores moves the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from common import write_csv
+
+from mnv3.latency import check_threads, get_runtime
+from mnv3.latency.lut import build_table, calibrate, scatter_plot, validate
+from mnv3.latency.table import LatencyTable
+from mnv3.space import SearchSpace
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runtimes", nargs="+", default=["onnxruntime"])
+    parser.add_argument("--space", default="mobilenet_v3_large", help="seed preset of the space")
+    parser.add_argument("--resolution", type=int, default=224)
+    parser.add_argument("--calibrate", type=int, default=24, help="networks measured to fit the calibration")
+    parser.add_argument("--n", type=int, default=40, help="other networks measured to validate")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--db", default="sqlite:///lut-accuracy.sqlite")
+    args = parser.parse_args()
+
+    from mnv3.presets import resolve_arch
+
+    space = SearchSpace(resolve_arch(args.space, resolution=args.resolution))
+    table = LatencyTable(args.db)
+    threads = check_threads(args.threads)
+    lines = []
+    for name in args.runtimes:
+        runtime = get_runtime(name)
+        start = time.perf_counter()
+        summary = build_table(space, runtime, table, threads=threads, calibration_networks=args.calibrate)
+        if summary["measured"] == 0:      # the table was complete: calibrate afresh, as asked
+            summary["calibration"] = calibrate(space, runtime, table, threads=threads, n=args.calibrate)
+        built = time.perf_counter() - start
+        stats, points = validate(space, runtime, table, n=args.n, threads=threads)
+        cal = summary["calibration"]
+        line = (f"{runtime.name}: {summary['entries']} entries ({summary['measured']} measured now, "
+                f"{built / 60:.1f} min with calibration on {cal['n']} networks); {stats['n']} other networks: "
+                f"MAPE {stats['mape']:.1%}, RMSE {stats['rmse_ms']:.2f} ms, within ±5% {stats['within_5']:.0%}, "
+                f"within ±10% {stats['within_10']:.0%} (goal 95%)")
+        print(line)
+        lines.append(line)
+        scatter_plot(points, f"lut-accuracy-{runtime.name}.png",
+                     f"{space.key()} on {runtime.name}\n{stats['within_10']:.0%} within ±10%, MAPE {stats['mape']:.1%}")
+        write_csv(f"lut_accuracy_{runtime.name}.csv",
+                  [{"network": n, "predicted_ms": round(p, 4), "measured_ms": round(m, 4),
+                    "error": round((p - m) / m, 4)} for n, p, m in points])
+    print("\n" + "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
