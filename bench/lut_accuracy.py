@@ -1,7 +1,8 @@
 """Accuracy of the latency predictor on this machine, in one run: build (or resume) the lookup table
 for a space and runtime, calibrate on random networks, then measure other random networks end to
 end and compare. Prints MAPE, RMSE and the share within ±5% / ±10% per runtime (the goal is 95%
-within ±10%), and writes one row per validated network to bench/results/lut_accuracy_RUNTIME.csv.
+within ±10%), and writes one row per validated network to bench/results/lut_accuracy_RUNTIME.csv
+and the predicted-vs-measured scatter plot beside it (.png).
 
     python bench/lut_accuracy.py [--runtimes onnxruntime litert] [--space mobilenet_v3_large]
                                  [--calibrate 24] [--n 40] [--db sqlite:///lut-accuracy.sqlite]
@@ -14,7 +15,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from common import write_csv
+from common import RESULTS, write_csv
 
 from mnv3.latency import check_threads, get_runtime
 from mnv3.latency.lut import build_table, calibrate, scatter_plot, validate
@@ -54,7 +55,7 @@ def main() -> None:
                 f"within ±10% {stats['within_10']:.0%} (goal 95%)")
         print(line)
         lines.append(line)
-        scatter_plot(points, f"lut-accuracy-{runtime.name}.png",
+        scatter_plot(points, RESULTS / f"lut_accuracy_{runtime.name}.png",
                      f"{space.key()} on {runtime.name}\n{stats['within_10']:.0%} within ±10%, MAPE {stats['mape']:.1%}")
         write_csv(f"lut_accuracy_{runtime.name}.csv",
                   [{"network": n, "predicted_ms": round(p, 4), "measured_ms": round(m, 4),
