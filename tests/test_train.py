@@ -61,6 +61,27 @@ def metrics(run_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def kill_in_second_epoch(proc: subprocess.Popen, out: Path, kill) -> None:
+    """Wait until `out` holds a checkpoint taken mid-way through epoch 2, then `kill(proc)`."""
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                ckpt = read_checkpoint(out / "checkpoint.pt") if (out / "checkpoint.pt").exists() else {}
+            except Exception:          # noqa: BLE001 - caught between rename and read
+                ckpt = {}
+            if ckpt.get("epoch") == 1 and ckpt.get("batch", 0) >= 1:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        kill(proc)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            kill(proc)
+            proc.wait()
+
+
 # -- recipes -----------------------------------------------------------------------------------------
 def test_builtin_recipes_hold_the_papers_values():
     assert {"paper", "finetune", "cifar"} <= set(builtin_recipes())
@@ -257,23 +278,7 @@ def test_resume_after_sigkill_ends_with_the_same_metrics(ants_bees, tmp_path, ca
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "mnv3", *map(str, args), "--out", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:     # kill in epoch 2, mid-epoch
-            if (out / "checkpoint.pt").exists():
-                try:
-                    ckpt = read_checkpoint(out / "checkpoint.pt")
-                except Exception:          # noqa: BLE001 - caught between rename and read
-                    ckpt = {}
-                if ckpt.get("epoch") == 1 and ckpt.get("batch", 0) >= 1:
-                    break
-            time.sleep(0.05)
-        assert proc.poll() is None, "the run ended before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_in_second_epoch(proc, out, lambda p: os.kill(p.pid, signal.SIGKILL))
     assert not (out / "model.safetensors").exists() and len(metrics(out)) == 1
     code, _, err = run(capsys, "train", "--out", out, "--resume", "--no-progress")
     assert code == 0, err
@@ -414,22 +419,7 @@ def test_torchrun_resume_after_sigkill_matches_an_uninterrupted_run(ants_bees, t
     assert whole.wait(timeout=600) == 0, whole.stderr.read()[-3000:]
     out = tmp_path / "killed"
     proc = _torchrun(args, out, start_new_session=True)
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                ckpt = read_checkpoint(out / "checkpoint.pt") if (out / "checkpoint.pt").exists() else {}
-            except Exception:          # noqa: BLE001 - caught between rename and read
-                ckpt = {}
-            if ckpt.get("epoch") == 1 and ckpt.get("batch", 0) >= 1:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "the run ended before it could be killed"
-        os.killpg(proc.pid, signal.SIGKILL)      # the launcher and both workers
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    kill_in_second_epoch(proc, out, lambda p: os.killpg(p.pid, signal.SIGKILL))   # launcher and workers
     assert not (out / "model.safetensors").exists()
     resumed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                               "-m", "mnv3", "train", "--out", str(out), "--resume", "--no-progress"],

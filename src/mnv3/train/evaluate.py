@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from mnv3.data import DataError, ImageFolderSet, load_image, preprocess_pixels, to_input
+from mnv3.data.datasets import collate
 from mnv3.nn import MobileNet
 from mnv3.weights import model_meta
 
@@ -25,14 +26,6 @@ class EvalResult:
         return {"top1": self.top1, "top5": self.top5, "images": self.images, "skipped": self.skipped}
 
 
-def _collate(items):
-    good = [(x, y) for x, y, err in items if err is None]
-    errors = [err for _, _, err in items if err is not None]
-    if not good:
-        return None, None, errors
-    return torch.stack([x for x, _ in good]), torch.tensor([y for _, y in good]), errors
-
-
 @torch.inference_mode()
 def evaluate(model: MobileNet, folder: str | Path, batch_size: int = 32, workers: int = 0,
              progress: bool = True) -> EvalResult:
@@ -44,7 +37,7 @@ def evaluate(model: MobileNet, folder: str | Path, batch_size: int = 32, workers
     if meta.classes is None and len({y for _, y in dataset.samples}) > model.num_classes:
         raise DataError(f"{folder}: more class folders than the model's {model.num_classes} outputs")
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                                         collate_fn=_collate)
+                                         collate_fn=collate)
     model.eval()
     correct1 = correct5 = seen = 0
     skipped: list[str] = []
