@@ -169,7 +169,7 @@ def train(data: str | ClassificationData, out: str | Path, *, arch: str | ArchSp
             save(module, path, meta)
 
         options = RunOptions(out, resume=resume, workers=workers, checkpoint_steps=checkpoint_steps,
-                             strict=strict, progress=progress, tensorboard=tensorboard, inputs=inputs)
+                             strict=strict, progress=progress, tensorboard=tensorboard)
         trainer = Trainer(model, data_set, recipe, options, ClassificationTask(recipe.label_smoothing),
                           d, pre, identity(model, data_set), save_model)
         return trainer.fit()

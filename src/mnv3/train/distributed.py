@@ -44,13 +44,6 @@ class Dist:
         dist.all_reduce(t)
         return t.tolist()
 
-    def broadcast_object(self, value):
-        if not self.active:
-            return value
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
 
 def setup(device: str = "auto") -> Dist:
     """Join the process group when started by torchrun (RANK/WORLD_SIZE set), else a single process."""

@@ -12,7 +12,7 @@ import copy
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -78,7 +78,6 @@ class RunOptions:
     strict: bool = False             # an unreadable image stops the run instead of being skipped
     progress: bool = True
     tensorboard: bool = True
-    inputs: dict[str, Any] = field(default_factory=dict)   # what the run was started from (run.json)
 
 
 @dataclass
