@@ -549,3 +549,24 @@ def test_timing_is_frozen():
     t = Timing(1.0, 0.5, 2.0, 50)
     with pytest.raises(AttributeError):
         t.repeats = 3  # type: ignore[misc]
+
+
+def test_measure_ratio_cancels_a_drifting_machine():
+    from mnv3.latency import measure_ratio
+
+    ft, speed = FakeTime(), [1.0]
+
+    def drifting(cost: float):
+        def run():
+            ft.work(cost * speed[0])
+            speed[0] *= 1.01          # the machine slows down a little with every call
+        return run
+
+    ratio = measure_ratio(drifting(0.004), drifting(0.002), rounds=20, burst=3, clock=ft.clock)
+    assert ratio == pytest.approx(2.0, rel=0.05)
+    # the absolute medians of the same workload drift far more than that
+    first = measure(drifting(0.002), runs=50, clock=ft.clock).median_ms
+    second = measure(drifting(0.002), runs=50, clock=ft.clock).median_ms
+    assert second / first > 1.5
+    with pytest.raises(LatencyError, match="at least 50"):
+        measure_ratio(drifting(0.004), drifting(0.002), rounds=5, burst=3, clock=ft.clock)

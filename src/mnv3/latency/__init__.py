@@ -1,7 +1,7 @@
 """Latency on real runtimes: runtimes behind one interface, the measurement protocol, and (next)
 per-block lookup tables and a calibrated predictor."""
 
-from mnv3.latency.protocol import MIN_RUNS, DriftGuard, Timing, measure, measure_all, summarize
+from mnv3.latency.protocol import MIN_RUNS, DriftGuard, Timing, measure, measure_all, measure_ratio, summarize
 from mnv3.latency.runtimes import (
                                    RUNTIMES,
                                    Environment,
@@ -25,5 +25,6 @@ __all__ = [
                                    "get_runtime",
                                    "measure",
                                    "measure_all",
+                                   "measure_ratio",
                                    "summarize",
 ]

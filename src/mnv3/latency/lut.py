@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from mnv3.arch import ArchSpec
-from mnv3.latency.protocol import MIN_RUNS, DriftGuard, Timing, measure, measure_all
+from mnv3.latency.protocol import MIN_RUNS, DriftGuard, Timing, measure, measure_all, measure_ratio
 from mnv3.latency.runtimes import LatencyError, LiteRtRuntime, OnnxRuntime, Runtime, export_onnx
 from mnv3.latency.table import LatencyTable
 from mnv3.latency.tflite_writer import block_tflite, head_tflite, stem_tflite
@@ -187,14 +187,28 @@ def _sum_of_parts(spec: ArchSpec, entries: dict[str, Timing], batch: int) -> flo
     return sum(entries[k].median_ms for k in keys)
 
 
+def _reference_network(space: SearchSpace) -> ArchSpec:
+    """The fixed network of the space that end-to-end measurements are timed against."""
+    return space.sample(random.Random(0))
+
+
 def _measure_networks(specs: list[ArchSpec], runtime: Runtime, threads: int, batch: int, runs: int,
-                      progress: bool, desc: str) -> list[float]:
+                      progress: bool, desc: str, space: SearchSpace,
+                      reference_ms: float | None = None) -> tuple[list[float], float]:
+    """End-to-end latency of each network, drift-corrected: timed in alternation with the space's
+    reference network (`measure_ratio`) and expressed in ms of the reference as it ran when
+    `reference_ms` was taken (now, when not given). Returns (latencies, reference_ms)."""
     from tqdm import tqdm
 
+    reference = runtime.session(_reference_network(space), threads=threads, batch=batch)
+    if reference_ms is None:
+        reference_ms = measure(reference, runs).median_ms
+    rounds = -(-runs // 3)
     out = []
     for spec in tqdm(specs, desc=desc, unit="net", disable=not progress, file=sys.stderr):
-        out.append(measure(runtime.session(spec, threads=threads, batch=batch), runs).median_ms)
-    return out
+        session = runtime.session(spec, threads=threads, batch=batch)
+        out.append(measure_ratio(session, reference, rounds=rounds, burst=3) * reference_ms)
+    return out, reference_ms
 
 
 def calibrate(space: SearchSpace, runtime: Runtime, table: LatencyTable, *, threads: int = 1,
@@ -202,20 +216,24 @@ def calibrate(space: SearchSpace, runtime: Runtime, table: LatencyTable, *, thre
               progress: bool = True) -> dict:
     """Fit measured = a * sum_of_parts + c * number_of_parts + b on `n` random networks of the space
     and store it. Each part measured alone carries the runtime's per-call overhead once; a whole
-    network pays it once in all, so the part count is a feature of its own."""
+    network pays it once in all, so the part count is a feature of its own. The networks are timed
+    against the space's reference network, whose latency now (`reference_ms`) is stored too:
+    validation later expresses its measurements in the same units, so the machine's drift between
+    the two cancels."""
     env = _environment_key(runtime, threads, batch, space)
     entries = table.get(env)
     rng = random.Random(seed)
     specs = [space.sample(rng) for _ in range(n)]
     sums = np.array([_sum_of_parts(s, entries, batch) for s in specs])
     counts = np.array([len(s.blocks) + 2 for s in specs], dtype=float)
-    measured = np.array(_measure_networks(specs, runtime, threads, batch, runs, progress, "calibrate"))
+    timed, reference_ms = _measure_networks(specs, runtime, threads, batch, runs, progress, "calibrate", space)
+    measured = np.array(timed)
     features = np.stack([sums, counts, np.ones_like(sums)], axis=1)
     if n < 4 or np.ptp(counts) == 0:     # too few networks, or all of one depth: no count term
         features = features[:, [0, 2]]
     coef = np.linalg.lstsq(features, measured, rcond=None)[0]
     a, c, b = (coef[0], coef[1], coef[2]) if len(coef) == 3 else (coef[0], 0.0, coef[1])
-    data = {"a": float(a), "b": float(b), "c": float(c), "n": n, "seed": seed}
+    data = {"a": float(a), "b": float(b), "c": float(c), "n": n, "seed": seed, "reference_ms": reference_ms}
     table.set_calibration(env, space.key(), data)
     return data
 
@@ -252,7 +270,9 @@ def validate(space: SearchSpace, runtime: Runtime, table: LatencyTable, *, n: in
     rng = random.Random(seed)
     specs = [space.sample(rng) for _ in range(n)]
     predicted = np.array([predictor.predict(s) for s in specs])
-    measured = np.array(_measure_networks(specs, runtime, threads, batch, runs, progress, "validate"))
+    timed, _ = _measure_networks(specs, runtime, threads, batch, runs, progress, "validate", space,
+                                 predictor.calibration.get("reference_ms"))
+    measured = np.array(timed)
     err = (predicted - measured) / measured
     stats = {"n": n, "mape": float(np.mean(np.abs(err))), "rmse_ms": float(np.sqrt(np.mean((predicted - measured) ** 2))),
              "within_5": float(np.mean(np.abs(err) <= 0.05)), "within_10": float(np.mean(np.abs(err) <= 0.10))}

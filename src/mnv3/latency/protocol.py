@@ -60,6 +60,31 @@ def measure(fn: Callable[[], object], runs: int = MIN_RUNS, warmup: int = 10,
     return summarize(samples)
 
 
+def measure_ratio(fn: Callable[[], object], reference: Callable[[], object], rounds: int = 20,
+                  burst: int = 3, clock: Callable[[], float] = time.perf_counter) -> float:
+    """`fn`'s time as a multiple of `reference`'s, timed in short alternating bursts (median of
+    `burst` calls each) and summarised by the median ratio over `rounds`. On a machine whose speed
+    drifts from second to second, this repeats within a few percent where absolute medians move
+    by 25% or more: the drift hits both sides of each pair alike."""
+    if rounds * burst < MIN_RUNS:
+        raise LatencyError(f"rounds x burst: the protocol times at least {MIN_RUNS} runs, got {rounds * burst}")
+
+    def timed(f: Callable[[], object]) -> float:
+        start = clock()
+        f()
+        return clock() - start
+
+    for _ in range(3):
+        fn()
+        reference()
+    ratios = []
+    for _ in range(rounds):
+        a = statistics.median(timed(fn) for _ in range(burst))
+        b = statistics.median(timed(reference) for _ in range(burst))
+        ratios.append(a / b)
+    return statistics.median(ratios)
+
+
 @dataclass
 class DriftGuard:
     """Re-measures a reference function; `drifted()` says whether its median moved by more than
