@@ -376,18 +376,15 @@ class Trainer:
         running["errors"] = (running["errors"] + errors)[:5]
 
     def _end_epoch(self, epoch: int, running: dict[str, Any]) -> dict[str, Any]:
-        d = self.dist
-        sums = d.sum([running["loss"], *(running["stats"] or [0.0]), float(running["n"]),
-                      float(running["skipped"])])
-        skipped = int(sums[-1])
-        n = max(sums[-2], 1.0)
-        train = self.task.metrics([*sums[1:-2], sums[-2]], "train")
+        total = self._global_running(running)
+        skipped, n = total["skipped"], max(total["n"], 1)
+        train = self.task.metrics([*(total["stats"] or [0.0]), total["n"]], "train")
         val = self.evaluate(self.ema.module if self.ema else self.model)
         seconds = running["seconds"]
         row = {"epoch": epoch + 1, "step": self.state["step"],
-               "lr": self.optimizer.param_groups[0]["lr"], "train_loss": sums[0] / n, **train, **val,
-               "img_per_s": sums[-2] / max(seconds, 1e-9), "epoch_s": seconds, "skipped": skipped}
-        if skipped and d.main:
+               "lr": self.optimizer.param_groups[0]["lr"], "train_loss": total["loss"] / n, **train, **val,
+               "img_per_s": total["n"] / max(seconds, 1e-9), "epoch_s": seconds, "skipped": skipped}
+        if skipped and self.dist.main:
             shown = "; ".join(running["errors"][:3])
             print(f"epoch {epoch + 1}: skipped {skipped} unreadable image(s): {shown}", file=sys.stderr)
         return row
