@@ -570,3 +570,26 @@ def test_measure_ratio_cancels_a_drifting_machine():
     assert second / first > 1.5
     with pytest.raises(LatencyError, match="at least 50"):
         measure_ratio(drifting(0.004), drifting(0.002), rounds=5, burst=3, clock=ft.clock)
+
+
+def test_measure_relative_keeps_the_units_of_one_moment():
+    from mnv3.latency import measure_relative
+
+    ft, speed = FakeTime(), [1.0]
+
+    def drifting(cost: float):
+        def run():
+            ft.work(cost * speed[0])
+            speed[0] *= 1.01
+        return run
+
+    reference = drifting(0.002)
+    unit = measure(reference, runs=50, clock=ft.clock).median_ms        # the reference "now"
+    assert speed[0] > 1.5
+    late = measure_relative(drifting(0.006), reference, unit, runs=50, clock=ft.clock)
+    assert speed[0] > 3     # the machine is now more than 3x slower than when `unit` was taken ...
+    # ... yet the part reads as 3 references of that moment, with percentiles around it
+    assert late.median_ms == pytest.approx(3 * unit, rel=0.05)
+    assert late.p10_ms <= late.median_ms <= late.p90_ms and late.runs >= 50
+    with pytest.raises(LatencyError, match="at least 50"):
+        measure_relative(drifting(0.006), reference, unit, runs=20, clock=ft.clock)

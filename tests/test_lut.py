@@ -7,6 +7,7 @@ import os
 import random
 import signal
 import sqlite3
+import statistics
 import subprocess
 import sys
 import time
@@ -16,8 +17,8 @@ import pytest
 
 import mnv3
 from mnv3.cli import main
-from mnv3.latency import LatencyError, get_runtime
-from mnv3.latency.lut import Predictor, build_table, network_parts, space_parts
+from mnv3.latency import LatencyError, Timing, get_runtime
+from mnv3.latency.lut import Predictor, _reference_part, build_table, network_parts, space_parts
 from mnv3.latency.table import LatencyTable
 from mnv3.space import SearchSpace
 
@@ -98,6 +99,20 @@ def test_build_lookup_resume_and_predict(tmp_path):
     with pytest.raises(LatencyError, match="no entries"):
         Predictor(space, get_runtime("torch"), table)
 
+    # Entries are stored in the units of the reference part's own entry, taken when the table was
+    # started: a resumed build times what is missing against that part and scales by that entry, so
+    # doubling it doubles what is measured next (absolute timings would not move).
+    env, ref = first["env"], _reference_part(space, 1).key
+    redo = [k for k in stored if k != ref][:6]
+    unit = stored[ref]
+    table.put(env, [(ref, Timing(2 * unit.median_ms, 2 * unit.p10_ms, 2 * unit.p90_ms, unit.runs))])
+    with sqlite3.connect(tmp_path / "lut.sqlite") as conn:
+        conn.executemany("delete from latency_entries where key = ?", [(k,) for k in redo])
+    resumed = build_table(space, runtime, table, calibration_networks=3, progress=False, log=lambda s: None)
+    assert resumed["measured"] == len(redo)
+    now = table.get(env)
+    assert 1.5 < statistics.median(now[k].median_ms / stored[k].median_ms for k in redo) < 2.6
+
 
 def test_bad_database_urls(tmp_path):
     with pytest.raises(LatencyError, match="cannot open"):
@@ -166,6 +181,27 @@ def test_lut_bad_input(extra, message, capsys, tmp_path, monkeypatch):
     assert main(["lut", "build", "--no-progress", *extra]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_lut_space_saves_a_space_that_build_accepts(tmp_path, capsys):
+    saved = tmp_path / "space.json"
+    assert main(["lut", "space", "--space", "mobilenet_v3_small", "--resolution", "96", "--kernels", "3", "5",
+                 "--se", "off", "--activations", "relu", "--save", str(saved), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    space = SearchSpace.from_dict(json.loads(saved.read_text()))
+    assert space.kernels == (3, 5) and space.se == (False,) and space.activations == ("relu",)
+    assert space.seed.resolution == 96 and out["space"] == space.key()
+    assert out["entries"] == len(space_parts(space)) and out["networks"] == space.size()
+    assert [st["input"] for st in out["stages"]] == [s.input_size for s in space.stages()]
+    # the file is what --space of the other commands reads back, unchanged
+    assert main(["lut", "space", "--space", str(saved), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["space"] == space.key()
+
+    for bad, message in ((["--se", "maybe"], "--se"), (["--kernels", "4"], "odd sizes"),
+                         (["--widths", "0"], "positive")):
+        assert main(["lut", "space", *bad]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
 
 
 def test_validate_without_table(tmp_path, capsys):

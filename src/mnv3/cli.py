@@ -194,6 +194,51 @@ def _space_from_args(args: argparse.Namespace):
     return SearchSpace(resolve_arch(args.space, None, args.resolution))
 
 
+_CHOICES = (("kernels", int, "kernel sizes"), ("expansion_ratios", float, "expansion ratios"),
+            ("se", str, "squeeze-and-excite: off, on"), ("activations", str, "relu, hswish"),
+            ("widths", float, "width multipliers per stage"), ("depth_deltas", int, "blocks added per stage"))
+
+
+def cmd_lut_space(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from mnv3.files import atomic_write_text
+    from mnv3.latency.lut import space_parts
+    from mnv3.space import SearchSpace
+
+    space = _space_from_args(args)
+    changes = {}
+    for name, _, _ in _CHOICES:
+        values = getattr(args, name)
+        if values is None:
+            continue
+        if name == "se":
+            bad = [v for v in values if v not in ("on", "off")]
+            if bad:
+                raise SpecError(f"--se: expected on and/or off, got {' '.join(bad)}")
+            values = [v == "on" for v in values]
+        changes[name] = tuple(dict.fromkeys(values))
+    space = SearchSpace(**{**{f.name: getattr(space, f.name) for f in dataclasses.fields(space)}, **changes})
+    entries = len(space_parts(space))
+    seed = space.seed
+    print(f"space {space.key()}: seed {seed.name} at {seed.resolution}x{seed.resolution}, "
+          f"{float(space.size()):.2e} networks, {entries} lookup-table entries")
+    print(f"  per block: kernels {list(space.kernels)}, expansion ratios {list(space.expansion_ratios)}, "
+          f"SE {['on' if v else 'off' for v in space.se]}, activations {list(space.activations)}")
+    stages = [{"input": st.input_size, "stride": st.stride, "widths": space.stage_widths(st),
+               "depths": space.depths(st)} for st in space.stages()]
+    print(f"  {'stage':<7}{'input':>6}{'stride':>8}  {'widths':<18}depths")
+    for i, st in enumerate(stages, 1):
+        print(f"  {i:<7}{st['input']:>6}{st['stride']:>8}  {st['widths']!s:<18}{st['depths']}")
+    if args.save:
+        atomic_write_text(args.save, json.dumps(space.to_dict(), indent=1) + "\n")
+        print(f"written {args.save} (pass it as --space to mnv3 lut build / validate)")
+    if args.json:
+        print(json.dumps({"space": space.key(), "networks": space.size(), "entries": entries,
+                          "stages": stages, "file": str(args.save) if args.save else None}))
+    return 0
+
+
 def cmd_lut_build(args: argparse.Namespace) -> int:
     from mnv3.latency import LatencyError, check_threads, get_runtime
     from mnv3.latency.lut import build_table
@@ -314,10 +359,23 @@ def build_parser() -> argparse.ArgumentParser:
                                      "database (SQLite file by default, or a PostgreSQL URL shared by "
                                      "several machines).")
     lut_sub = lut.add_subparsers(dest="lut_command", metavar="COMMAND", required=True)
-    for name, func, text in (("build", cmd_lut_build, ("measure every block configuration of the space "
+    for name, func, text in (("space", cmd_lut_space, ("show a search space and save it as JSON, with "
+                                                      "its choices changed")),
+                             ("build", cmd_lut_build, ("measure every block configuration of the space "
                                                       "(resumes where an interrupted build stopped)")),
                              ("validate", cmd_lut_validate, "predicted vs measured latency of random networks")):
         q = lut_sub.add_parser(name, help=text, description=text)
+        if name == "space":
+            q.add_argument("--space", default="mobilenet_v3_large", metavar="SEED",
+                           help="a seed (preset or spec JSON) or a space JSON (default mobilenet_v3_large)")
+            q.add_argument("--resolution", type=int, default=None, help="input resolution (default: the seed's)")
+            for choice, kind, what in _CHOICES:
+                q.add_argument("--" + choice.replace("_", "-"), dest=choice, nargs="+", type=kind,
+                               metavar="V", help=f"{what} (default: the space's)")
+            q.add_argument("--save", metavar="JSON", help="write the space here")
+            q.add_argument("--json", action="store_true", help="end with one JSON line: space, networks, entries, stages")
+            q.set_defaults(func=func)
+            continue
         q.add_argument("--runtime", required=True, help="torch, torch-fused, onnxruntime or litert")
         q.add_argument("--space", default="mobilenet_v3_large", metavar="SEED",
                        help="the search space: a seed (preset or spec JSON) with the default choices, "

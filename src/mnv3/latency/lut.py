@@ -20,7 +20,15 @@ import torch
 from torch import nn
 
 from mnv3.arch import ArchSpec
-from mnv3.latency.protocol import MIN_RUNS, DriftGuard, Timing, measure, measure_all, measure_ratio
+from mnv3.latency.protocol import (
+    MIN_RUNS,
+    DriftGuard,
+    Timing,
+    measure,
+    measure_all,
+    measure_ratio,
+    measure_relative,
+)
 from mnv3.latency.runtimes import LatencyError, LiteRtRuntime, OnnxRuntime, Runtime, export_onnx
 from mnv3.latency.table import LatencyTable
 from mnv3.latency.tflite_writer import block_tflite, head_tflite, stem_tflite
@@ -152,29 +160,42 @@ def build_table(space: SearchSpace, runtime: Runtime, table: LatencyTable, *, th
 
     env = _environment_key(runtime, threads, batch, space)
     parts = space_parts(space, batch)
+    ref_part = _reference_part(space, batch)
     have = table.get(env, [p.key for p in parts])
     todo = [p for p in parts if p.key not in have]
-    log(f"{len(parts)} table entries for space {space.key()} on {env}: {len(have)} already measured, "
+    log(f"{len(parts)} table entries for space {space.key()} on {env}: {len(parts) - len(todo)} already measured, "
         f"{len(todo)} to go")
+    missing = len(todo)
     guard = None
-    if todo:
-        reference = _sessions(runtime, network_parts(space.seed, batch)[1:2], threads)[0]
-        guard = DriftGuard(reference, runs=runs)
     bar = tqdm(total=len(todo), unit="entry", desc="lut build", disable=not progress, file=sys.stderr)
+    if todo:
+        # Every entry is timed in alternation with one reference part and stored in the units of that
+        # part's latency when the table was started (its own entry), so entries measured minutes or
+        # sessions apart share one machine speed: on a drifting machine absolute medians of the same
+        # part move by 25% or more, ratios by a few percent.
+        reference = _sessions(runtime, [ref_part], threads)[0]
+        if ref_part.key not in have:
+            have[ref_part.key] = measure(reference, runs)
+            table.put(env, [(ref_part.key, have[ref_part.key])])
+            todo = [p for p in todo if p.key != ref_part.key]
+            bar.update()
+        unit_ms = have[ref_part.key].median_ms
+        guard = DriftGuard(reference, runs=runs)
     for start in range(0, len(todo), chunk):
         group = todo[start:start + chunk]
         sessions = _sessions(runtime, group, threads)
         # The reference is re-checked every 24 entries; a drifted group is measured once more, then
         # the baseline moves (on a noisy machine, repeating until quiet would never end).
         timings = measure_all(sessions, guard, runs=runs, check_every=24, max_repeats=1,
-                              on_result=lambda i, t: bar.update())
+                              on_result=lambda i, t: bar.update(),
+                              timer=lambda fn: measure_relative(fn, reference, unit_ms, runs))
         table.put(env, [(p.key, t) for p, t in zip(group, timings)])   # committed: resumable
     bar.close()
     calibration = table.calibration(env, space.key())
-    if calibration is None or todo:
+    if calibration is None or missing:
         calibration = calibrate(space, runtime, table, threads=threads, batch=batch,
                                 n=calibration_networks, runs=runs, progress=progress)
-    return {"env": env, "entries": len(parts), "measured": len(todo), "calibration": calibration,
+    return {"env": env, "entries": len(parts), "measured": missing, "calibration": calibration,
             "drifts": guard.drifts if guard else 0}
 
 
@@ -192,17 +213,36 @@ def _reference_network(space: SearchSpace) -> ArchSpec:
     return space.sample(random.Random(0))
 
 
+def _reference_part(space: SearchSpace, batch: int) -> Part:
+    """The part every table entry is timed against: the middle block of the reference network (a
+    part of the space, mid-sized, so that neither call overhead nor one cache level dominates it)."""
+    spec = _reference_network(space)
+    return network_parts(spec, batch)[1 + len(spec.blocks) // 2]
+
+
+def _reference_ms(space: SearchSpace, runtime: Runtime, entries: dict[str, Timing], reference, threads: int,
+                  batch: int, runs: int) -> float:
+    """The reference network's latency in the table's units: timed against the table's reference
+    part, whose entry fixed those units when the table was started."""
+    part = _reference_part(space, batch)
+    if part.key not in entries:
+        raise LatencyError(f"the table has no entry for its reference part {part.key}; "
+                           "run mnv3 lut build for this space first")
+    part_session = _sessions(runtime, [part], threads)[0]
+    return measure_ratio(reference, part_session, rounds=-(-runs // 3), burst=3) * entries[part.key].median_ms
+
+
 def _measure_networks(specs: list[ArchSpec], runtime: Runtime, threads: int, batch: int, runs: int,
-                      progress: bool, desc: str, space: SearchSpace,
+                      progress: bool, desc: str, space: SearchSpace, entries: dict[str, Timing],
                       reference_ms: float | None = None) -> tuple[list[float], float]:
     """End-to-end latency of each network, drift-corrected: timed in alternation with the space's
-    reference network (`measure_ratio`) and expressed in ms of the reference as it ran when
-    `reference_ms` was taken (now, when not given). Returns (latencies, reference_ms)."""
+    reference network (`measure_ratio`) and expressed in the table's units (see `_reference_ms`;
+    `reference_ms` when given). Returns (latencies, reference_ms)."""
     from tqdm import tqdm
 
     reference = runtime.session(_reference_network(space), threads=threads, batch=batch)
     if reference_ms is None:
-        reference_ms = measure(reference, runs).median_ms
+        reference_ms = _reference_ms(space, runtime, entries, reference, threads, batch, runs)
     rounds = -(-runs // 3)
     out = []
     for spec in tqdm(specs, desc=desc, unit="net", disable=not progress, file=sys.stderr):
@@ -217,16 +257,18 @@ def calibrate(space: SearchSpace, runtime: Runtime, table: LatencyTable, *, thre
     """Fit measured = a * sum_of_parts + c * number_of_parts + b on `n` random networks of the space
     and store it. Each part measured alone carries the runtime's per-call overhead once; a whole
     network pays it once in all, so the part count is a feature of its own. The networks are timed
-    against the space's reference network, whose latency now (`reference_ms`) is stored too:
-    validation later expresses its measurements in the same units, so the machine's drift between
-    the two cancels."""
+    against the space's reference network, and that network against the table's reference part, so
+    they come out in the table's units; the reference network's latency in those units
+    (`reference_ms`) is stored too, and validation later expresses its measurements in it: the
+    machine's drift between table, calibration and validation cancels."""
     env = _environment_key(runtime, threads, batch, space)
     entries = table.get(env)
     rng = random.Random(seed)
     specs = [space.sample(rng) for _ in range(n)]
     sums = np.array([_sum_of_parts(s, entries, batch) for s in specs])
     counts = np.array([len(s.blocks) + 2 for s in specs], dtype=float)
-    timed, reference_ms = _measure_networks(specs, runtime, threads, batch, runs, progress, "calibrate", space)
+    timed, reference_ms = _measure_networks(specs, runtime, threads, batch, runs, progress, "calibrate", space,
+                                            entries)
     measured = np.array(timed)
     features = np.stack([sums, counts, np.ones_like(sums)], axis=1)
     if n < 4 or np.ptp(counts) == 0:     # too few networks, or all of one depth: no count term
@@ -271,7 +313,7 @@ def validate(space: SearchSpace, runtime: Runtime, table: LatencyTable, *, n: in
     specs = [space.sample(rng) for _ in range(n)]
     predicted = np.array([predictor.predict(s) for s in specs])
     timed, _ = _measure_networks(specs, runtime, threads, batch, runs, progress, "validate", space,
-                                 predictor.calibration.get("reference_ms"))
+                                 predictor.entries, predictor.calibration.get("reference_ms"))
     measured = np.array(timed)
     err = (predicted - measured) / measured
     stats = {"n": n, "mape": float(np.mean(np.abs(err))), "rmse_ms": float(np.sqrt(np.mean((predicted - measured) ** 2))),

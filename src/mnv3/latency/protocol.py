@@ -60,12 +60,8 @@ def measure(fn: Callable[[], object], runs: int = MIN_RUNS, warmup: int = 10,
     return summarize(samples)
 
 
-def measure_ratio(fn: Callable[[], object], reference: Callable[[], object], rounds: int = 20,
-                  burst: int = 3, clock: Callable[[], float] = time.perf_counter) -> float:
-    """`fn`'s time as a multiple of `reference`'s, timed in short alternating bursts (median of
-    `burst` calls each) and summarised by the median ratio over `rounds`. On a machine whose speed
-    drifts from second to second, this repeats within a few percent where absolute medians move
-    by 25% or more: the drift hits both sides of each pair alike."""
+def _ratios(fn: Callable[[], object], reference: Callable[[], object], rounds: int, burst: int,
+            clock: Callable[[], float]) -> list[float]:
     if rounds * burst < MIN_RUNS:
         raise LatencyError(f"rounds x burst: the protocol times at least {MIN_RUNS} runs, got {rounds * burst}")
 
@@ -82,7 +78,28 @@ def measure_ratio(fn: Callable[[], object], reference: Callable[[], object], rou
         a = statistics.median(timed(fn) for _ in range(burst))
         b = statistics.median(timed(reference) for _ in range(burst))
         ratios.append(a / b)
-    return statistics.median(ratios)
+    return ratios
+
+
+def measure_ratio(fn: Callable[[], object], reference: Callable[[], object], rounds: int = 20,
+                  burst: int = 3, clock: Callable[[], float] = time.perf_counter) -> float:
+    """`fn`'s time as a multiple of `reference`'s, timed in short alternating bursts (median of
+    `burst` calls each) and summarised by the median ratio over `rounds`. On a machine whose speed
+    drifts from second to second, this repeats within a few percent where absolute medians move
+    by 25% or more: the drift hits both sides of each pair alike."""
+    return statistics.median(_ratios(fn, reference, rounds, burst, clock))
+
+
+def measure_relative(fn: Callable[[], object], reference: Callable[[], object], reference_ms: float,
+                     runs: int = MIN_RUNS, burst: int = 3,
+                     clock: Callable[[], float] = time.perf_counter) -> Timing:
+    """`fn` timed in alternation with `reference` (as `measure_ratio`) and expressed in the units of
+    `reference_ms`, the reference's latency at some fixed moment: every result measured this way
+    shares that moment's machine speed, however the machine drifts in between. The percentiles are
+    those of the per-round ratios."""
+    ratios = _ratios(fn, reference, -(-runs // burst), burst, clock)
+    t = summarize([r * reference_ms for r in ratios])
+    return Timing(t.median_ms, t.p10_ms, t.p90_ms, len(ratios) * burst)
 
 
 @dataclass
@@ -113,16 +130,19 @@ class DriftGuard:
 
 def measure_all(fns: Sequence[Callable[[], object]], guard: DriftGuard | None = None, *,
                 runs: int = MIN_RUNS, check_every: int = 1, max_repeats: int = 3,
-                on_result: Callable[[int, Timing], None] | None = None) -> list[Timing]:
-    """Measure each function; after every `check_every` of them, re-measure the reference and, if it
-    drifted, measure that group again (at most `max_repeats` times, then take a new baseline and go
-    on). `on_result(i, timing)` is called as each result becomes final."""
+                on_result: Callable[[int, Timing], None] | None = None,
+                timer: Callable[[Callable[[], object]], Timing] | None = None) -> list[Timing]:
+    """Measure each function (with `timer`; `measure` with `runs` by default); after every
+    `check_every` of them, re-measure the reference and, if it drifted, measure that group again (at
+    most `max_repeats` times, then take a new baseline and go on). `on_result(i, timing)` is called
+    as each result becomes final."""
+    timer = timer or (lambda fn: measure(fn, runs))
     results: list[Timing] = []
     for start in range(0, len(fns), check_every):
         group = fns[start:start + check_every]
         repeats = 0
         while True:
-            timings = [measure(fn, runs) for fn in group]
+            timings = [timer(fn) for fn in group]
             if guard is None or not guard.drifted():
                 break
             if repeats == max_repeats:
