@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import mnv3
@@ -112,6 +113,28 @@ def test_build_lookup_resume_and_predict(tmp_path):
     assert resumed["measured"] == len(redo)
     now = table.get(env)
     assert 1.5 < statistics.median(now[k].median_ms / stored[k].median_ms for k in redo) < 2.6
+
+
+def test_fit_calibration_picks_the_model_the_data_supports():
+    from mnv3.latency.lut import fit_calibration
+
+    rng = np.random.default_rng(0)
+    sums = rng.uniform(10, 100, 30)
+    counts = rng.integers(12, 22, 30).astype(float)
+    noise = 1 + rng.normal(0, 0.03, 30)
+    # proportional with 3% noise: the extra terms only fit noise, the simplest model wins
+    fit = fit_calibration(sums, counts, 0.9 * sums * noise)
+    assert fit["model"] == "a*sum" and fit["a"] == pytest.approx(0.9, rel=0.03) and fit["b"] == fit["c"] == 0
+    assert 0 < fit["loo_mape"] < 0.05
+    # a real per-call overhead per part and a constant: the full model, with its coefficients back
+    exact = 0.8 * sums + 0.5 * counts + 4.0
+    fit = fit_calibration(sums, counts, exact * (1 + rng.normal(0, 0.001, 30)))
+    assert fit["model"] == "a*sum+c*parts+b"
+    assert (fit["a"], fit["c"], fit["b"]) == pytest.approx((0.8, 0.5, 4.0), rel=0.05)
+    # every network of one depth: no part-count term; two networks: only a*sum can be scored
+    assert fit_calibration(sums, np.full(30, 17.0), sums + 5)["model"] == "a*sum+b"
+    few = fit_calibration(sums[:2], counts[:2], sums[:2] * 1.1)
+    assert few["model"] == "a*sum" and few["a"] == pytest.approx(1.1)
 
 
 def test_bad_database_urls(tmp_path):

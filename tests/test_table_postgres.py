@@ -263,6 +263,15 @@ def test_put_existing_entries_is_idempotent_and_replaces(both):
         assert count_rows(table) == len(items) + 2                         # no duplicate rows
 
 
+def test_put_without_replace_keeps_the_first_value(both):
+    """The reference entry that fixes a table's units: the first writer wins, on both databases."""
+    first, second = Timing(1.0, 0.9, 1.1, 50), Timing(2.0, 1.8, 2.2, 50)
+    for table in both.values():
+        table.put(ENV, [("block:ref", first)], replace=False)
+        table.put(ENV, [("block:ref", second), ("block:new", second)], replace=False)
+        assert table.get(ENV) == {"block:ref": first, "block:new": second}
+
+
 def test_repeats_are_not_stored_on_either(both):
     t = Timing(1.0, 0.9, 1.1, 50, repeats=2)
     for table in both.values():

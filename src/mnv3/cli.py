@@ -255,7 +255,8 @@ def cmd_lut_build(args: argparse.Namespace) -> int:
     cal = summary["calibration"]
     print(f"table {table.url}: {summary['entries']} entries ({summary['measured']} measured now); "
           f"calibration measured = {cal['a']:.3f} x sum + {cal.get('c', 0.0):.3f} x parts + {cal['b']:.3f} ms "
-          f"({cal['n']} networks)")
+          f"({cal.get('model', 'a*sum+c*parts+b')} on {cal['n']} networks"
+          + (f", leave-one-out MAPE {cal['loo_mape']:.1%})" if cal.get("loo_mape") is not None else ")"))
     if args.json:
         print(json.dumps({**summary, "space": space.key(), "db": table.url}))
     return 0

@@ -81,10 +81,11 @@ class LatencyTable:
             raise LatencyError(f"{column.name} is {len(value)} characters, longer than the table's "
                                f"{column.type.length}: {value[:80]}...")
 
-    def _upsert(self, conn, table, rows: list[dict]) -> None:
-        """Insert rows, replacing those with the same primary key, by INSERT ... ON CONFLICT DO UPDATE
-        (PostgreSQL and SQLite): two machines writing the same keys at once then wait for each other,
-        where delete-then-insert fails on the primary key on PostgreSQL."""
+    def _upsert(self, conn, table, rows: list[dict], replace: bool = True) -> None:
+        """Insert rows, replacing those with the same primary key (or, with `replace=False`, keeping
+        them), by INSERT ... ON CONFLICT DO UPDATE / DO NOTHING (PostgreSQL and SQLite): two machines
+        writing the same keys at once then wait for each other, where delete-then-insert fails on
+        the primary key on PostgreSQL."""
         name = self.engine.dialect.name
         if name == "postgresql":
             from sqlalchemy.dialects.postgresql import insert
@@ -93,10 +94,17 @@ class LatencyTable:
         else:                                               # no portable upsert: replace in place
             keys = list(table.primary_key.columns)
             for row in rows:
-                conn.execute(table.delete().where(*(c == row[c.name] for c in keys)))
-            conn.execute(self._sa.insert(table), rows)
+                match = [c == row[c.name] for c in keys]
+                if replace:
+                    conn.execute(table.delete().where(*match))
+                elif conn.execute(self._sa.select(*keys).where(*match)).first() is not None:
+                    continue
+                conn.execute(self._sa.insert(table), [row])
             return
         stmt = insert(table)
+        if not replace:
+            conn.execute(stmt.on_conflict_do_nothing(index_elements=list(table.primary_key.columns)), rows)
+            return
         stmt = stmt.on_conflict_do_update(
             index_elements=list(table.primary_key.columns),
             set_={c.name: stmt.excluded[c.name] for c in table.columns if not c.primary_key})
@@ -111,9 +119,9 @@ class LatencyTable:
         return {r.key: Timing(r.median_ms, r.p10_ms, r.p90_ms, r.runs) for r in rows
                 if wanted is None or r.key in wanted}
 
-    def put(self, env: str, items: list[tuple[str, Timing]]) -> None:
-        """Store measurements in one transaction (replacing older values of the same keys; of a key
-        given twice, the last value)."""
+    def put(self, env: str, items: list[tuple[str, Timing]], replace: bool = True) -> None:
+        """Store measurements in one transaction (replacing older values of the same keys, or with
+        `replace=False` keeping them; of a key given twice, the last value)."""
         if not items:
             return
         t = self.entries
@@ -127,7 +135,7 @@ class LatencyTable:
         rows = [{"env": env, "key": k, "median_ms": v.median_ms, "p10_ms": v.p10_ms, "p90_ms": v.p90_ms,
                  "runs": v.runs, "measured_at": now} for k, v in sorted(latest.items())]
         with self.engine.begin() as conn:
-            self._upsert(conn, t, rows)
+            self._upsert(conn, t, rows, replace)
 
     def calibration(self, env: str, space: str) -> dict | None:
         sa, t = self._sa, self.calibrations
