@@ -204,7 +204,6 @@ def cmd_lut_space(args: argparse.Namespace) -> int:
 
     from mnv3.files import atomic_write_text
     from mnv3.latency.lut import space_parts
-    from mnv3.space import SearchSpace
 
     space = _space_from_args(args)
     changes = {}
@@ -218,7 +217,7 @@ def cmd_lut_space(args: argparse.Namespace) -> int:
                 raise SpecError(f"--se: expected on and/or off, got {' '.join(bad)}")
             values = [v == "on" for v in values]
         changes[name] = tuple(dict.fromkeys(values))
-    space = SearchSpace(**{**{f.name: getattr(space, f.name) for f in dataclasses.fields(space)}, **changes})
+    space = dataclasses.replace(space, **changes)
     entries = len(space_parts(space))
     seed = space.seed
     print(f"space {space.key()}: seed {seed.name} at {seed.resolution}x{seed.resolution}, "
