@@ -365,26 +365,22 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "(resumes where an interrupted build stopped)")),
                              ("validate", cmd_lut_validate, "predicted vs measured latency of random networks")):
         q = lut_sub.add_parser(name, help=text, description=text)
-        if name == "space":
-            q.add_argument("--space", default="mobilenet_v3_large", metavar="SEED",
-                           help="a seed (preset or spec JSON) or a space JSON (default mobilenet_v3_large)")
-            q.add_argument("--resolution", type=int, default=None, help="input resolution (default: the seed's)")
-            for choice, kind, what in _CHOICES:
-                q.add_argument("--" + choice.replace("_", "-"), dest=choice, nargs="+", type=kind,
-                               metavar="V", help=f"{what} (default: the space's)")
-            q.add_argument("--save", metavar="JSON", help="write the space here")
-            q.add_argument("--json", action="store_true", help="end with one JSON line: space, networks, entries, stages")
-            q.set_defaults(func=func)
-            continue
-        q.add_argument("--runtime", required=True, help="torch, torch-fused, onnxruntime or litert")
         q.add_argument("--space", default="mobilenet_v3_large", metavar="SEED",
                        help="the search space: a seed (preset or spec JSON) with the default choices, "
                             "or a space JSON (default mobilenet_v3_large)")
         q.add_argument("--resolution", type=int, default=None, help="input resolution (default: the seed's)")
+        q.add_argument("--json", action="store_true", help="end with one JSON line of the results")
+        q.set_defaults(func=func)
+        if name == "space":
+            for choice, kind, what in _CHOICES:
+                q.add_argument("--" + choice.replace("_", "-"), dest=choice, nargs="+", type=kind,
+                               metavar="V", help=f"{what} (default: the space's)")
+            q.add_argument("--save", metavar="JSON", help="write the space here")
+            continue
+        q.add_argument("--runtime", required=True, help="torch, torch-fused, onnxruntime or litert")
         q.add_argument("--db", default=None, metavar="URL", help="table database (default sqlite:///mnv3-lut.sqlite)")
         q.add_argument("--threads", type=int, default=1)
         q.add_argument("--no-progress", action="store_true")
-        q.add_argument("--json", action="store_true", help="end with one JSON line of the results")
         if name == "build":
             q.add_argument("--calibrate", type=int, default=12, metavar="N",
                            help="random networks measured end to end to fit the calibration (default 12)")
@@ -393,7 +389,6 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             q.add_argument("--n", type=int, required=True, help="random networks to measure end to end")
             q.add_argument("--plot", metavar="PNG", help="scatter plot file (default lut-validate-RUNTIME.png)")
-        q.set_defaults(func=func)
     return parser
 
 
