@@ -6,6 +6,7 @@ import copy
 import csv
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -458,6 +459,17 @@ def test_litert_session_runs():
     assert callable(run)
     run()
     run()
+    # The conversion of a spec is kept: asking again opens the same file instead of converting
+    from mnv3.latency.runtimes import LiteRtRuntime
+
+    path = LiteRtRuntime.converted(tiny())
+    assert path.is_relative_to(os.environ["MNV3_CACHE"]) and path.stat().st_size > 0
+    stamp = path.stat().st_mtime_ns
+    start = time.perf_counter()
+    assert LiteRtRuntime.converted(tiny()) == path and path.stat().st_mtime_ns == stamp
+    assert time.perf_counter() - start < 1.0
+    other = tiny().replace(resolution=RES * 2)
+    assert LiteRtRuntime.converted(other) != path
 
 
 # --------------------------------------------------------------------------------------------------
@@ -593,3 +605,36 @@ def test_measure_relative_keeps_the_units_of_one_moment():
     assert late.p10_ms <= late.median_ms <= late.p90_ms and late.runs >= 50
     with pytest.raises(LatencyError, match="at least 50"):
         measure_relative(drifting(0.006), reference, unit, runs=20, clock=ft.clock)
+
+
+def test_interleaved_ratios_spread_every_function_over_the_whole_call():
+    from mnv3.latency.protocol import interleaved_ratios
+
+    ft, calls = FakeTime(), []
+
+    def fn(name: str, cost: float):
+        def run():
+            calls.append(name)
+            # the machine turns 2x slower halfway through: every function sees both halves
+            ft.work(cost * (2.0 if len(calls) > 300 else 1.0))
+        return run
+
+    a, b, ref = fn("a", 0.003), fn("b", 0.001), fn("r", 0.002)
+    ratios = interleaved_ratios([a, b], ref, rounds=20, burst=3, clock=ft.clock)
+    assert [len(r) for r in ratios] == [20, 20]
+    assert statistics.median(ratios[0]) == pytest.approx(1.5) and statistics.median(ratios[1]) == pytest.approx(0.5)
+    timed = calls[12:]          # after the warm-up: a burst of a, of the reference, of b, of the reference
+    assert timed[:12] == ["a"] * 3 + ["r"] * 3 + ["b"] * 3 + ["r"] * 3 and len(timed) == 20 * 12
+    with pytest.raises(LatencyError, match="at least 50"):
+        interleaved_ratios([a], ref, rounds=5, burst=3, clock=ft.clock)
+    assert len(interleaved_ratios([a], ref, rounds=5, burst=3, clock=ft.clock, minimum=15)[0]) == 5
+
+
+def test_pool_weights_two_passes_by_their_runs():
+    from mnv3.latency.protocol import pool
+
+    first, second = Timing(10.0, 9.0, 12.0, 18), Timing(13.0, 12.0, 15.0, 36, repeats=1)
+    both = pool(first, second)
+    assert both.median_ms == pytest.approx(12.0) and both.p10_ms == pytest.approx(11.0)
+    assert both.p90_ms == pytest.approx(14.0) and both.runs == 54 and both.repeats == 1
+    assert pool(None, second) == second

@@ -174,15 +174,20 @@ def test_lut_build_killed_then_resumed(tmp_path, capsys):
     done = _count(db)
     assert 0 < done < total, "the build should have been killed midway"
     with sqlite3.connect(db) as conn:
-        before = dict(conn.execute("select key, measured_at from latency_entries").fetchall())
+        before = dict(conn.execute("select key, runs from latency_entries").fetchall())
+    unit = _reference_part(space, 1).key
+    assert before.pop(unit) >= 50                       # the reference part: measured whole, first
+    assert set(before.values()) == {18}                 # the others: the first of three passes
 
     assert main([*args, "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert out["entries"] == total and out["measured"] == total - done
+    assert out["entries"] == total and out["measured"] == total - 1 and out["passes"] == 3
     with sqlite3.connect(db) as conn:
-        after = dict(conn.execute("select key, measured_at from latency_entries").fetchall())
+        after = dict(conn.execute("select key, runs from latency_entries").fetchall())
     assert len(after) == total
-    assert all(after[k] == v for k, v in before.items())        # nothing measured before was lost
+    # Every entry got exactly three passes of 18 runs: the first pass of those measured before the
+    # kill was kept and pooled with the next two, not measured again.
+    assert {k: v for k, v in after.items() if k != unit} == {k: 54 for k in after if k != unit}
 
     assert main(["lut", "validate", "--runtime", "onnxruntime", "--space", str(space_file),
                  "--db", f"sqlite:///{db}", "--n", "3", "--plot", str(tmp_path / "v.png"),

@@ -250,7 +250,7 @@ def cmd_lut_build(args: argparse.Namespace) -> int:
     if args.chunk < 1 or args.calibrate < 2:
         raise LatencyError("--chunk must be at least 1 and --calibrate at least 2")
     summary = build_table(space, runtime, table, threads=threads, calibration_networks=args.calibrate,
-                          chunk=args.chunk, progress=not args.no_progress)
+                          chunk=args.chunk, passes=args.passes, progress=not args.no_progress)
     cal = summary["calibration"]
     print(f"table {table.url}: {summary['entries']} entries ({summary['measured']} measured now); "
           f"calibration measured = {cal['a']:.3f} x sum + {cal.get('c', 0.0):.3f} x parts + {cal['b']:.3f} ms "
@@ -386,6 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="random networks measured end to end to fit the calibration (default 12)")
             q.add_argument("--chunk", type=int, default=48, metavar="N",
                            help="entries converted together and committed together (default 48)")
+            q.add_argument("--passes", type=int, default=3, metavar="N",
+                           help="passes over the space that share each entry's runs, minutes apart, so "
+                                "that no entry carries one minute's machine state (default 3)")
         else:
             q.add_argument("--n", type=int, required=True, help="random networks to measure end to end")
             q.add_argument("--plot", metavar="PNG", help="scatter plot file (default lut-validate-RUNTIME.png)")

@@ -25,6 +25,11 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+def cache_dir() -> Path:
+    """Where downloads and conversions are kept between runs: $MNV3_CACHE, else ~/.cache/mnv3."""
+    return Path(os.environ.get("MNV3_CACHE") or Path.home() / ".cache" / "mnv3")
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
 

@@ -171,7 +171,7 @@ def _cifar10() -> ClassificationData:
         return data_set
     from torchvision.datasets import CIFAR10
 
-    from mnv3.weights.sources import cache_dir
+    from mnv3.files import cache_dir
 
     root = cache_dir() / "cifar10"
     try:

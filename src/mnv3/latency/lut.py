@@ -30,10 +30,11 @@ from mnv3.latency.protocol import (
     MIN_RUNS,
     DriftGuard,
     Timing,
+    interleaved_ratios,
     measure,
     measure_all,
-    measure_ratio,
     measure_relative,
+    pool,
 )
 from mnv3.latency.runtimes import LatencyError, LiteRtRuntime, OnnxRuntime, Runtime, export_onnx
 from mnv3.latency.table import LatencyTable
@@ -130,51 +131,84 @@ class _Parallel(nn.Module):
         return tuple(m(x) for m, x in zip(self.parts, xs))
 
 
-def _sessions(runtime: Runtime, parts: list[Part], threads: int) -> list[Callable[[], object]]:
+def _sessions(runtime: Runtime, parts: list[Part], threads: int,
+              store: dict[str, bytes] | None = None) -> list[Callable[[], object]]:
     """Ready sessions for a chunk of parts. ONNX Runtime: one export for the whole chunk, cut into
-    one model per part (tracing dominates the cost, so sharing it is what makes tables fast). LiteRT:
-    each part written directly as a TFLite graph (milliseconds instead of seconds of conversion)."""
+    one model per part (tracing dominates the cost, so sharing it is what makes tables fast); the
+    models are kept in `store` so that later passes over the same parts open them without exporting
+    again. LiteRT: each part written directly as a TFLite graph (milliseconds instead of seconds of
+    conversion)."""
     if isinstance(runtime, LiteRtRuntime):
         return [runtime.session_from_tflite(p.tflite(), threads) for p in parts]
-    modules = [p.make().eval() for p in parts]
     if isinstance(runtime, OnnxRuntime):
-        import tempfile
-        from pathlib import Path
+        store = {} if store is None else store
+        new = [p for p in parts if p.key not in store]
+        if new:
+            store.update(_onnx_models(new))
+        return [runtime.session_from_onnx(store[p.key], np.random.default_rng(0).standard_normal(
+            p.input_shape).astype(np.float32), threads) for p in parts]
+    return [runtime.session(p.make().eval(), threads=threads, input_shape=p.input_shape) for p in parts]
 
-        import onnx
-        from onnx.utils import Extractor
 
-        xs = tuple(torch.randn(*p.input_shape) for p in parts)
-        with tempfile.TemporaryDirectory(prefix="mnv3-lut-") as tmp:
-            path = Path(tmp) / "chunk.onnx"
-            names_in = [f"in{i}" for i in range(len(parts))]
-            names_out = [f"out{i}" for i in range(len(parts))]
-            export_onnx(_Parallel(modules).eval(), xs, path, input_names=names_in, output_names=names_out)
-            extractor = Extractor(onnx.load(str(path)))
-        return [runtime.session_from_onnx(extractor.extract_model([i], [o]).SerializeToString(),
-                                          x.numpy(), threads)
-                for i, o, x in zip(names_in, names_out, xs)]
-    return [runtime.session(m, threads=threads, input_shape=p.input_shape) for m, p in zip(modules, parts)]
+def _onnx_models(parts: list[Part]) -> dict[str, bytes]:
+    """One ONNX model per part, cut out of a single export of all of them side by side."""
+    import tempfile
+    from pathlib import Path
+
+    import onnx
+    from onnx.utils import Extractor
+
+    modules = [p.make().eval() for p in parts]
+    xs = tuple(torch.randn(*p.input_shape) for p in parts)
+    with tempfile.TemporaryDirectory(prefix="mnv3-lut-") as tmp:
+        path = Path(tmp) / "chunk.onnx"
+        names_in = [f"in{i}" for i in range(len(parts))]
+        names_out = [f"out{i}" for i in range(len(parts))]
+        export_onnx(_Parallel(modules).eval(), xs, path, input_names=names_in, output_names=names_out)
+        extractor = Extractor(onnx.load(str(path)))
+    return {p.key: extractor.extract_model([i], [o]).SerializeToString()
+            for p, i, o in zip(parts, names_in, names_out)}
+
+
+PASSES = 3
 
 
 def build_table(space: SearchSpace, runtime: Runtime, table: LatencyTable, *, threads: int = 1,
-                batch: int = 1, chunk: int = 48, runs: int = MIN_RUNS, calibration_networks: int = 12,
-                progress: bool = True, log: Callable[[str], None] = print) -> dict:
+                batch: int = 1, chunk: int = 48, runs: int = MIN_RUNS, passes: int = PASSES,
+                calibration_networks: int = 12, progress: bool = True,
+                log: Callable[[str], None] = print) -> dict:
     """Measure every missing part of the space (resuming from what the table holds), then fit the
-    calibration on end-to-end measurements. Returns a summary."""
+    calibration on end-to-end measurements. Returns a summary.
+
+    The `runs` of each entry are taken in `passes` passes over the whole space, each in its own
+    random order, and pooled (`protocol.pool`). On a shared machine the relative speed of different
+    kinds of layers moves from minute to minute (on this VM a 7x7 depthwise block at 112x112 against
+    a 3x3 one at 14x14 by ±13% between one-minute windows), so an entry timed in one go carries the
+    state of that minute; three passes minutes apart average it out, for the same number of runs.
+    Every pass is committed as it goes: a resumed build continues with the entries that have fewer
+    runs than their pass needs."""
     from tqdm import tqdm
 
+    if isinstance(passes, bool) or not isinstance(passes, int) or not 1 <= passes <= runs // 3:
+        raise LatencyError(f"passes: {passes!r}; use 1 to {runs // 3} (each pass times at least 3 runs)")
     env = _environment_key(runtime, threads, batch, space)
     parts = space_parts(space, batch)
     ref_part = _reference_part(space, batch)
     have = table.get(env, [p.key for p in parts])
-    todo = [p for p in parts if p.key not in have]
-    log(f"{len(parts)} table entries for space {space.key()} on {env}: {len(parts) - len(todo)} already measured, "
-        f"{len(todo)} to go")
-    missing = len(todo)
+    per_pass = -(-runs // passes)
+
+    def short(p: Part, n: int) -> bool:          # needs more runs to finish pass n
+        return ref_part.key != p.key and (p.key not in have or have[p.key].runs < min(n * per_pass, runs))
+
+    left = {n: [p for p in parts if short(p, n)] for n in range(1, passes + 1)}
+    complete = len(parts) - len(left[passes])
+    measured = len(left[passes]) + (ref_part.key not in have)
+    log(f"{len(parts)} table entries for space {space.key()} on {env}: {complete} complete, "
+        f"{len(left[passes])} to measure in up to {passes} passes")
+    work = sum(len(v) for v in left.values())
     guard = None
-    bar = tqdm(total=len(todo), unit="entry", desc="lut build", disable=not progress, file=sys.stderr)
-    if todo:
+    bar = tqdm(total=work, unit="entry", desc="lut build", disable=not progress, file=sys.stderr)
+    if work or ref_part.key not in have:
         # Every entry is timed in alternation with one reference part and stored in the units of that
         # part's latency when the table was started (its own entry), so entries measured minutes or
         # sessions apart share one machine speed: on a drifting machine absolute medians of the same
@@ -184,25 +218,30 @@ def build_table(space: SearchSpace, runtime: Runtime, table: LatencyTable, *, th
             # The first machine to store it fixes the units; one that raced it adopts them.
             table.put(env, [(ref_part.key, measure(reference, runs))], replace=False)
             have[ref_part.key] = table.get(env, [ref_part.key])[ref_part.key]
-            todo = [p for p in todo if p.key != ref_part.key]
-            bar.update()
         unit_ms = have[ref_part.key].median_ms
         guard = DriftGuard(reference, runs=runs)
-    for start in range(0, len(todo), chunk):
-        group = todo[start:start + chunk]
-        sessions = _sessions(runtime, group, threads)
-        # The reference is re-checked every 24 entries; a drifted group is measured once more, then
-        # the baseline moves (on a noisy machine, repeating until quiet would never end).
-        timings = measure_all(sessions, guard, runs=runs, check_every=24, max_repeats=1,
-                              on_result=lambda i, t: bar.update(),
-                              timer=lambda fn: measure_relative(fn, reference, unit_ms, runs))
-        table.put(env, [(p.key, t) for p, t in zip(group, timings)])   # committed: resumable
+    store: dict[str, bytes] = {}
+    for n in range(1, passes + 1):
+        todo = [p for p in parts if short(p, n)]         # again: the pass before may have been cut short
+        random.Random(n).shuffle(todo)      # every kind of entry spread over the pass
+        for start in range(0, len(todo), chunk):
+            group = todo[start:start + chunk]
+            sessions = _sessions(runtime, group, threads, store)
+            # The reference is re-checked every 24 entries; a drifted group is measured once more,
+            # then the baseline moves (on a noisy machine, repeating until quiet would never end).
+            timings = measure_all(sessions, guard, runs=runs, check_every=24, max_repeats=1,
+                                  on_result=lambda i, t: bar.update(),
+                                  timer=lambda fn: measure_relative(fn, reference, unit_ms, per_pass,
+                                                                    minimum=per_pass))
+            pooled = [(p.key, pool(have.get(p.key), t)) for p, t in zip(group, timings)]
+            table.put(env, pooled)           # committed: resumable
+            have.update(pooled)
     bar.close()
     calibration = table.calibration(env, space.key())
-    if calibration is None or missing:
+    if calibration is None or measured:
         calibration = calibrate(space, runtime, table, threads=threads, batch=batch,
                                 n=calibration_networks, runs=runs, progress=progress)
-    return {"env": env, "entries": len(parts), "measured": missing, "calibration": calibration,
+    return {"env": env, "entries": len(parts), "measured": measured, "passes": passes, "calibration": calibration,
             "drifts": guard.drifts if guard else 0}
 
 
@@ -227,38 +266,50 @@ def _reference_part(space: SearchSpace, batch: int) -> Part:
     return network_parts(spec, batch)[1 + len(spec.blocks) // 2]
 
 
-def _reference_ms(space: SearchSpace, runtime: Runtime, entries: dict[str, Timing], reference, threads: int,
-                  batch: int, rounds: int) -> float:
-    """The reference network's latency in the table's units: timed against the table's reference
-    part, whose entry fixed those units when the table was started."""
-    part = _reference_part(space, batch)
-    if part.key not in entries:
-        raise LatencyError(f"the table has no entry for its reference part {part.key}; "
-                           "run mnv3 lut build for this space first")
-    part_session = _sessions(runtime, [part], threads)[0]
-    return measure_ratio(reference, part_session, rounds=rounds, burst=3) * entries[part.key].median_ms
+# Networks measured side by side in one interleaved run (`_measure_networks`): all of them are open
+# at once, about 50 MB each for MobileNetV3-Large on LiteRT.
+NETWORK_GROUP = 48
 
 
 def _measure_networks(specs: list[ArchSpec], runtime: Runtime, threads: int, batch: int, runs: int,
                       progress: bool, desc: str, space: SearchSpace, entries: dict[str, Timing],
                       reference_ms: float | None = None) -> tuple[list[float], float]:
-    """End-to-end latency of each network, drift-corrected: timed in alternation with the space's
-    reference network (`measure_ratio`) and expressed in the table's units (see `_reference_ms`;
-    `reference_ms` when given). Returns (latencies, reference_ms)."""
+    """End-to-end latency of each network in the table's units. All networks (in groups of
+    `NETWORK_GROUP`) are opened first, then timed round-robin, each burst followed by one of the
+    space's reference network (`interleaved_ratios`): every network's samples span the whole run, so
+    no network carries the state of the one minute it happened to be timed in (on this VM a
+    network's ratio to another moves by up to ±7% between one-minute windows). The reference
+    network's latency in table units, `reference_ms` unless given, comes from the table's reference
+    part timed in the same rounds. Returns (latencies, reference_ms)."""
     from tqdm import tqdm
 
+    part = _reference_part(space, batch)
+    if reference_ms is None and part.key not in entries:
+        raise LatencyError(f"the table has no entry for its reference part {part.key}; "
+                           "run mnv3 lut build for this space first")
     # Twice the protocol's runs: a whole network's ratio to the reference is the ground truth of the
-    # calibration and the validation, and on LiteRT it moves by ±2.6% over 51 runs, ±1.5% over 153;
-    # the conversion (about 30 s a network with litert-torch) costs more than the extra runs anyway.
+    # calibration and the validation; the conversion (about 30 s a network with litert-torch, kept
+    # in the cache afterwards) costs more than the extra runs anyway.
     rounds = -(-2 * runs // 3)
     reference = runtime.session(_reference_network(space), threads=threads, batch=batch)
+    part_session = _sessions(runtime, [part], threads)[0] if reference_ms is None else None
+    ratios: list[list[float]] = []
+    part_ratios: list[float] = []
+    for start in range(0, len(specs), NETWORK_GROUP):
+        group = specs[start:start + NETWORK_GROUP]
+        sessions = [runtime.session(spec, threads=threads, batch=batch)
+                    for spec in tqdm(group, desc=f"{desc}: open", unit="net", disable=not progress,
+                                     file=sys.stderr)]
+        fns = sessions + ([part_session] if part_session else [])
+        with tqdm(total=rounds, desc=f"{desc}: time {len(group)} networks", unit="round",
+                  disable=not progress, file=sys.stderr) as bar:
+            got = interleaved_ratios(fns, reference, rounds, 3, on_round=lambda r: bar.update())
+        ratios += got[:len(group)]
+        part_ratios += got[len(group):][0] if part_session else []
+        del sessions, fns
     if reference_ms is None:
-        reference_ms = _reference_ms(space, runtime, entries, reference, threads, batch, rounds)
-    out = []
-    for spec in tqdm(specs, desc=desc, unit="net", disable=not progress, file=sys.stderr):
-        session = runtime.session(spec, threads=threads, batch=batch)
-        out.append(measure_ratio(session, reference, rounds=rounds, burst=3) * reference_ms)
-    return out, reference_ms
+        reference_ms = entries[part.key].median_ms / float(np.median(part_ratios))
+    return [float(np.median(r)) * reference_ms for r in ratios], reference_ms
 
 
 # Calibration models, simplest first: measured = a * sum_of_parts [+ c * number_of_parts] [+ b].

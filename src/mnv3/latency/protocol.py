@@ -60,25 +60,41 @@ def measure(fn: Callable[[], object], runs: int = MIN_RUNS, warmup: int = 10,
     return summarize(samples)
 
 
-def _ratios(fn: Callable[[], object], reference: Callable[[], object], rounds: int, burst: int,
-            clock: Callable[[], float]) -> list[float]:
-    if rounds * burst < MIN_RUNS:
-        raise LatencyError(f"rounds x burst: the protocol times at least {MIN_RUNS} runs, got {rounds * burst}")
+def interleaved_ratios(fns: Sequence[Callable[[], object]], reference: Callable[[], object], rounds: int,
+                       burst: int = 3, clock: Callable[[], float] = time.perf_counter,
+                       minimum: int = MIN_RUNS, on_round: Callable[[int], None] | None = None
+                       ) -> list[list[float]]:
+    """Per-round ratios of each function's time to `reference`'s. Every round times each function in
+    turn, a burst of `burst` calls (their median) followed by a burst of the reference, so the
+    samples of every function are spread over the whole call: a machine whose speed drifts slows
+    both sides of each pair alike, and a slow minute weighs on all functions equally instead of on
+    the one measured during it. `minimum` is the number of timed runs each function must get."""
+    if rounds * burst < minimum:
+        raise LatencyError(f"rounds x burst: the protocol times at least {minimum} runs, got {rounds * burst}")
 
     def timed(f: Callable[[], object]) -> float:
         start = clock()
         f()
         return clock() - start
 
-    for _ in range(3):
-        fn()
-        reference()
-    ratios = []
-    for _ in range(rounds):
-        a = statistics.median(timed(fn) for _ in range(burst))
-        b = statistics.median(timed(reference) for _ in range(burst))
-        ratios.append(a / b)
+    for fn in fns:
+        for _ in range(3):
+            fn()
+            reference()
+    ratios: list[list[float]] = [[] for _ in fns]
+    for r in range(rounds):
+        for fn, out in zip(fns, ratios):
+            a = statistics.median(timed(fn) for _ in range(burst))
+            b = statistics.median(timed(reference) for _ in range(burst))
+            out.append(a / b)
+        if on_round:
+            on_round(r)
     return ratios
+
+
+def _ratios(fn: Callable[[], object], reference: Callable[[], object], rounds: int, burst: int,
+            clock: Callable[[], float], minimum: int = MIN_RUNS) -> list[float]:
+    return interleaved_ratios([fn], reference, rounds, burst, clock, minimum)[0]
 
 
 def measure_ratio(fn: Callable[[], object], reference: Callable[[], object], rounds: int = 20,
@@ -92,14 +108,29 @@ def measure_ratio(fn: Callable[[], object], reference: Callable[[], object], rou
 
 def measure_relative(fn: Callable[[], object], reference: Callable[[], object], reference_ms: float,
                      runs: int = MIN_RUNS, burst: int = 3,
-                     clock: Callable[[], float] = time.perf_counter) -> Timing:
+                     clock: Callable[[], float] = time.perf_counter, minimum: int = MIN_RUNS) -> Timing:
     """`fn` timed in alternation with `reference` (as `measure_ratio`) and expressed in the units of
     `reference_ms`, the reference's latency at some fixed moment: every result measured this way
     shares that moment's machine speed, however the machine drifts in between. The percentiles are
-    those of the per-round ratios."""
-    ratios = _ratios(fn, reference, -(-runs // burst), burst, clock)
+    those of the per-round ratios. `minimum` lowers the protocol's 50 runs for one of several
+    passes whose results are pooled (`pool`)."""
+    ratios = _ratios(fn, reference, -(-runs // burst), burst, clock, minimum)
     t = summarize([r * reference_ms for r in ratios])
     return Timing(t.median_ms, t.p10_ms, t.p90_ms, len(ratios) * burst)
+
+
+def pool(a: Timing | None, b: Timing) -> Timing:
+    """Two measurements of one function taken at different times, as one: their statistics weighted
+    by their runs (a median of medians would need the samples, which tables do not keep)."""
+    if a is None:
+        return b
+    n = a.runs + b.runs
+
+    def mix(x: float, y: float) -> float:
+        return (x * a.runs + y * b.runs) / n
+
+    return Timing(mix(a.median_ms, b.median_ms), mix(a.p10_ms, b.p10_ms), mix(a.p90_ms, b.p90_ms), n,
+                  a.repeats + b.repeats)
 
 
 @dataclass

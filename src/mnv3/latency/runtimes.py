@@ -199,14 +199,44 @@ class LiteRtRuntime(Runtime):
     def session(self, spec_or_model, *, threads=1, batch=1, resolution=None, input_shape=None):
         from ai_edge_litert.interpreter import Interpreter
 
+        check_threads(threads)
+        if isinstance(spec_or_model, ArchSpec) and input_shape is None:
+            # A spec converts the same way every time: keep its conversion (about 30 s) in the cache.
+            path = self.converted(spec_or_model, batch, resolution)
+            interpreter = Interpreter(model_path=str(path), num_threads=threads)
+            shape = interpreter.get_input_details()[0]["shape"]
+            return self._ready(interpreter, torch.randn(*shape).numpy())
         model = latency_model(spec_or_model, batch)
         x = _example_input(model, batch, resolution, input_shape)
-        check_threads(threads)
         with tempfile.TemporaryDirectory(prefix="mnv3-litert-") as tmp:
             path = Path(tmp) / "model.tflite"
             export_tflite(model, x, path)
             interpreter = Interpreter(model_path=str(path), num_threads=threads)
         return self._ready(interpreter, x.numpy())
+
+    @staticmethod
+    def converted(spec: ArchSpec, batch: int = 1, resolution: int | None = None) -> Path:
+        """The TFLite file litert-torch makes of `spec` (random weights, for timing), converted once
+        and then kept in $MNV3_CACHE/litert under a name that hashes the spec, the input shape and
+        the converter's version."""
+        import hashlib
+        from importlib.metadata import PackageNotFoundError, version
+
+        from mnv3.files import atomic_write, cache_dir
+
+        try:
+            converter = version("litert-torch")
+        except PackageNotFoundError:
+            raise RuntimeUnavailable("the litert runtime converts models with litert-torch: "
+                                     "pip install litert-torch") from None
+        resolution = resolution or spec.resolution
+        digest = hashlib.sha256(f"{spec.to_json(None)}|b{batch}|r{resolution}|litert-torch-{converter}"
+                                .encode()).hexdigest()[:16]
+        path = cache_dir() / "litert" / f"{spec.name}-{digest}.tflite"
+        if not path.is_file():
+            model = latency_model(spec, batch)
+            atomic_write(path, lambda tmp: export_tflite(model, _example_input(model, batch, resolution, None), tmp))
+        return path
 
     def session_from_tflite(self, data: bytes, threads: int = 1) -> Callable[[], object]:
         """A session on a TFLite graph given as bytes, fed random input of its own shape."""

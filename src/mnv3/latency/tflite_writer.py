@@ -182,10 +182,8 @@ class _Graph:
         return bytes(b.Output())
 
 
-def block_tflite(cin: int, size: int, block: BlockSpec, se_gate: str = "hard_sigmoid") -> bytes:
-    g = _Graph()
-    shape = [1, size, size, cin]
-    x = g.tensor(shape)
+def _block(g: _Graph, x: int, shape: list[int], block: BlockSpec, se_gate: str) -> tuple[int, list[int]]:
+    cin = shape[3]
     y = x
     if block.expansion != cin:
         y, shape = g.conv(y, shape, block.expansion, 1, 1, block.activation)
@@ -207,27 +205,50 @@ def block_tflite(cin: int, size: int, block: BlockSpec, se_gate: str = "hard_sig
     y, shape = g.conv(y, shape, block.out, 1, 1, "none")
     if block.stride == 1 and cin == block.out:
         y = g.binary("ADD", y, x, shape)
-    return g.serialize([x], [y])
+    return y, shape
 
 
-def stem_tflite(spec: ArchSpec) -> bytes:
-    g = _Graph()
+def _stem(g: _Graph, spec: ArchSpec) -> tuple[int, int, list[int]]:
     shape = [1, spec.resolution, spec.resolution, spec.in_channels]
     x = g.tensor(shape)
-    y, _ = g.conv(x, shape, spec.stem.out, spec.stem.kernel, spec.stem.stride, spec.stem.activation)
-    return g.serialize([x], [y])
+    y, shape = g.conv(x, shape, spec.stem.out, spec.stem.kernel, spec.stem.stride, spec.stem.activation)
+    return x, y, shape
 
 
-def head_tflite(spec: ArchSpec, cin: int, size: int, num_classes: int) -> bytes:
-    g = _Graph()
+def _head(g: _Graph, spec: ArchSpec, x: int, shape: list[int], num_classes: int) -> int:
     h = spec.head
-    shape = [1, size, size, cin]
-    x = g.tensor(shape)
     y, shape = g.conv(x, shape, h.last_conv, 1, 1, h.activation)
     y, _ = g.mean(y, shape, keep=False)
     features = h.last_conv
     if h.pre_logits:
         y = g.dense(y, h.last_conv, h.pre_logits, h.activation)
         features = h.pre_logits
-    y = g.dense(y, features, num_classes, "none")
+    return g.dense(y, features, num_classes, "none")
+
+
+def block_tflite(cin: int, size: int, block: BlockSpec, se_gate: str = "hard_sigmoid") -> bytes:
+    g = _Graph()
+    x = g.tensor([1, size, size, cin])
+    y, _ = _block(g, x, [1, size, size, cin], block, se_gate)
     return g.serialize([x], [y])
+
+
+def stem_tflite(spec: ArchSpec) -> bytes:
+    g = _Graph()
+    x, y, _ = _stem(g, spec)
+    return g.serialize([x], [y])
+
+
+def head_tflite(spec: ArchSpec, cin: int, size: int, num_classes: int) -> bytes:
+    g = _Graph()
+    x = g.tensor([1, size, size, cin])
+    return g.serialize([x], [_head(g, spec, x, [1, size, size, cin], num_classes)])
+
+
+def network_tflite(spec: ArchSpec, num_classes: int = 1000) -> bytes:
+    """The whole network as one graph, written the way its parts are."""
+    g = _Graph()
+    x, y, shape = _stem(g, spec)
+    for block in spec.blocks:
+        y, shape = _block(g, y, shape, block, spec.se_gate)
+    return g.serialize([x], [_head(g, spec, y, shape, num_classes)])

@@ -9,7 +9,6 @@ safetensors: nothing is unpickled unsafely.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import sys
 import urllib.error
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 
 from mnv3.arch import ArchSpec
-from mnv3.files import atomic_write
+from mnv3.files import atomic_write, cache_dir
 from mnv3.imagenet import imagenet_classes
 from mnv3.nn import MobileNet, build
 from mnv3.presets import COMMON_WIDTHS, PRESETS, candidates, resolve_arch
@@ -55,11 +54,6 @@ NAMED_WEIGHTS: dict[tuple[str, str], dict[str, tuple[str, int]]] = {
         "IMAGENET1K_V2": ("mobilenet_v2-7ebf99e0.pth", 232),
     },
 }
-
-
-def cache_dir() -> Path:
-    """Where downloads go: $MNV3_CACHE, else ~/.cache/mnv3."""
-    return Path(os.environ.get("MNV3_CACHE") or Path.home() / ".cache" / "mnv3")
 
 
 def resolve_named(source: str, arch: ArchSpec | None) -> tuple[str, int, ArchSpec]:
