@@ -203,6 +203,7 @@ def test_lut_build_killed_then_resumed(tmp_path, capsys):
     (["--runtime", "onnxruntime", "--db", "postgresql+psycopg://nobody@127.0.0.1:1/none"], "cannot open"),
     (["--runtime", "onnxruntime", "--threads", "0"], "impossible"),
     (["--runtime", "onnxruntime", "--space", "no_such_net"], "unknown architecture"),
+    (["--runtime", "onnxruntime", "--passes", "0"], "passes: 0; use 1 to 16"),
 ])
 def test_lut_bad_input(extra, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -10,7 +10,9 @@ Every measurement is relative, because the speed of a VM or a phone drifts by te
 one minute to the next: entries are timed in alternation with one reference part and stored in the
 units of that part's own entry (taken when the table was started); end-to-end networks alternate
 with a reference network that is itself timed against the reference part. Table, calibration and
-validation so share one machine speed, however far apart they ran.
+validation so share one machine speed, however far apart they ran. And since the relative speed of
+different kinds of layers moves too, nothing is timed in one go: entries in three passes over the
+space, networks round-robin (`build_table`, `_measure_networks`).
 """
 
 from __future__ import annotations
