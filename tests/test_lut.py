@@ -255,7 +255,7 @@ def test_tflite_writer_lays_out_blocks(tmp_path):
     import numpy as np
     from ai_edge_litert.interpreter import Interpreter
 
-    from mnv3.latency.tflite_writer import block_tflite, head_tflite, stem_tflite
+    from mnv3.latency.tflite_writer import block_tflite, head_tflite, network_tflite, stem_tflite
 
     se_block = mnv3.BlockSpec(5, 120, 40, 32, "hswish", 1)
     data = block_tflite(40, 14, se_block)
@@ -265,8 +265,10 @@ def test_tflite_writer_lays_out_blocks(tmp_path):
     plain = _ops(block_tflite(16, 28, mnv3.BlockSpec(3, 16, 24, None, "relu", 2)), tmp_path)
     assert plain == ["DEPTHWISE_CONV_2D", "CONV_2D"]          # no expansion, no SE, no residual
     spec = mnv3.preset("mobilenet_v3_small", resolution=64)
+    whole = network_tflite(spec)          # the whole network: its parts' ops, chained
+    assert len(_ops(whole, tmp_path)) == sum(len(_ops(p.tflite(), tmp_path)) for p in network_parts(spec))
     for graph, shape in ((data, (1, 14, 14, 40)), (stem_tflite(spec), (1, 32, 32, 16)),
-                         (head_tflite(spec, 96, 2, 1000), (1, 1000))):
+                         (head_tflite(spec, 96, 2, 1000), (1, 1000)), (whole, (1, 1000))):
         interpreter = Interpreter(model_content=graph, num_threads=1)
         interpreter.allocate_tensors()
         inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
