@@ -269,7 +269,7 @@ def _reference_part(space: SearchSpace, batch: int) -> Part:
 
 
 # Networks measured side by side in one interleaved run (`_measure_networks`): all of them are open
-# at once, about 50 MB each for MobileNetV3-Large on LiteRT.
+# at once, so memory grows with the group.
 NETWORK_GROUP = 48
 
 
