@@ -191,11 +191,14 @@ def test_lut_build_killed_then_resumed(tmp_path, capsys):
 
     assert main(["lut", "validate", "--runtime", "onnxruntime", "--space", str(space_file),
                  "--db", f"sqlite:///{db}", "--n", "3", "--plot", str(tmp_path / "v.png"),
-                 "--no-progress", "--json"]) == 0
+                 "--no-progress", "--json", "--seed", "5"]) == 0
     stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(stats) >= {"mape", "within_10", "within_5", "n"} and stats["n"] == 3
     assert 0 <= stats["within_5"] <= stats["within_10"] <= 1
     assert (tmp_path / "v.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["lut", "validate", "--runtime", "onnxruntime", "--space", str(space_file),
+                 "--db", f"sqlite:///{db}", "--n", "3", "--seed", "1234", "--no-progress"]) == 2
+    assert "calibration's own networks" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -270,7 +270,8 @@ def cmd_lut_validate(args: argparse.Namespace) -> int:
     threads = check_threads(args.threads)
     space = _space_from_args(args)
     table = LatencyTable(args.db)
-    stats, points = validate(space, runtime, table, n=args.n, threads=threads, progress=not args.no_progress)
+    stats, points = validate(space, runtime, table, n=args.n, threads=threads, seed=args.seed,
+                             progress=not args.no_progress)
     print(f"{stats['n']} random networks of {space.key()} on {runtime.name}: MAPE {stats['mape']:.1%}, "
           f"RMSE {stats['rmse_ms']:.3f} ms, within ±5% {stats['within_5']:.0%}, within ±10% {stats['within_10']:.0%}")
     plot = args.plot or f"lut-validate-{runtime.name}.png"
@@ -392,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             q.add_argument("--n", type=int, required=True, help="random networks to measure end to end")
             q.add_argument("--plot", metavar="PNG", help="scatter plot file (default lut-validate-RUNTIME.png)")
+            q.add_argument("--seed", type=int, default=7,
+                           help="which random networks (default 7; the calibration's are seed 1234)")
     return parser
 
 

@@ -405,6 +405,9 @@ def validate(space: SearchSpace, runtime: Runtime, table: LatencyTable, *, n: in
     if n < 1:
         raise LatencyError(f"--n: need at least one network to validate, got {n}")
     predictor = Predictor(space, runtime, table, threads=threads, batch=batch)
+    if predictor.calibration.get("seed") == seed:
+        raise LatencyError(f"--seed {seed} draws the calibration's own networks; validate on others "
+                           "(any other seed)")
     rng = random.Random(seed)
     specs = [space.sample(rng) for _ in range(n)]
     predicted = np.array([predictor.predict(s) for s in specs])
