@@ -181,6 +181,9 @@ class OnnxRuntime(Runtime):
         return run
 
 
+NEEDS_LITERT_TORCH = "the litert runtime converts models with litert-torch: pip install litert-torch"
+
+
 class LiteRtRuntime(Runtime):
     """TFLite through ai-edge-litert's interpreter (XNNPACK delegate), converted by litert-torch."""
 
@@ -227,8 +230,7 @@ class LiteRtRuntime(Runtime):
         try:
             converter = version("litert-torch")
         except PackageNotFoundError:
-            raise RuntimeUnavailable("the litert runtime converts models with litert-torch: "
-                                     "pip install litert-torch") from None
+            raise RuntimeUnavailable(NEEDS_LITERT_TORCH) from None
         resolution = resolution or spec.resolution
         digest = hashlib.sha256(f"{spec.to_json(None)}|b{batch}|r{resolution}|litert-torch-{converter}"
                                 .encode()).hexdigest()[:16]
@@ -276,8 +278,7 @@ def export_tflite(model: nn.Module, x: torch.Tensor, path: Path) -> Path:
     try:
         import litert_torch
     except ImportError:
-        raise RuntimeUnavailable("the litert runtime converts models with litert-torch: "
-                                 "pip install litert-torch") from None
+        raise RuntimeUnavailable(NEEDS_LITERT_TORCH) from None
     # litert-torch reports its conversion stages on stdout; keep our command's output clean.
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
