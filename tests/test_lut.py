@@ -180,7 +180,7 @@ def test_lut_build_killed_then_resumed(tmp_path, capsys):
     assert set(before.values()) == {18}                 # the others: the first of three passes
 
     assert main([*args, "--json"]) == 0
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    out = json.loads(capsys.readouterr().out)
     assert out["entries"] == total and out["measured"] == total - 1 and out["passes"] == 3
     with sqlite3.connect(db) as conn:
         after = dict(conn.execute("select key, runs from latency_entries").fetchall())
@@ -192,7 +192,7 @@ def test_lut_build_killed_then_resumed(tmp_path, capsys):
     assert main(["lut", "validate", "--runtime", "onnxruntime", "--space", str(space_file),
                  "--db", f"sqlite:///{db}", "--n", "3", "--plot", str(tmp_path / "v.png"),
                  "--no-progress", "--json", "--seed", "5"]) == 0
-    stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    stats = json.loads(capsys.readouterr().out)
     assert set(stats) >= {"mape", "within_10", "within_5", "n"} and stats["n"] == 3
     assert 0 <= stats["within_5"] <= stats["within_10"] <= 1
     assert (tmp_path / "v.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -219,7 +219,7 @@ def test_lut_space_saves_a_space_that_build_accepts(tmp_path, capsys):
     saved = tmp_path / "space.json"
     assert main(["lut", "space", "--space", "mobilenet_v3_small", "--resolution", "96", "--kernels", "3", "5",
                  "--se", "off", "--activations", "relu", "--save", str(saved), "--json"]) == 0
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    out = json.loads(capsys.readouterr().out)
     space = SearchSpace.from_dict(json.loads(saved.read_text()))
     assert space.kernels == (3, 5) and space.se == (False,) and space.activations == ("relu",)
     assert space.seed.resolution == 96 and out["space"] == space.key()
@@ -227,7 +227,7 @@ def test_lut_space_saves_a_space_that_build_accepts(tmp_path, capsys):
     assert [st["input"] for st in out["stages"]] == [s.input_size for s in space.stages()]
     # the file is what --space of the other commands reads back, unchanged
     assert main(["lut", "space", "--space", str(saved), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["space"] == space.key()
+    assert json.loads(capsys.readouterr().out)["space"] == space.key()
 
     for bad, message in ((["--se", "maybe"], "--se"), (["--kernels", "4"], "odd sizes"),
                          (["--widths", "0"], "positive")):

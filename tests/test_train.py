@@ -37,7 +37,8 @@ def run(capsys, *argv) -> tuple[int, str, str]:
 
 
 def last_json(text: str) -> dict:
-    return json.loads(text.strip().splitlines()[-1])
+    """With --json, stdout is exactly one JSON document (human output goes to stderr)."""
+    return json.loads(text)
 
 
 def subset(root: Path, dest: Path, per_class: int, splits=("train", "val")) -> Path:

@@ -16,6 +16,7 @@ ACTIVATIONS = ("relu", "relu6", "hswish")
 SE_GATES = ("hard_sigmoid", "sigmoid")
 PADDINGS = ("symmetric", "same")
 SPEC_FORMAT = "mnv3.arch/1"
+MODEL_FORMAT = "mnv3.model/1"       # the safetensors header of a model file (mnv3.weights.model_file)
 
 
 class SpecError(ValueError):
@@ -204,13 +205,52 @@ class ArchSpec:
 
     @classmethod
     def load(cls, path: str | Path) -> ArchSpec:
+        """A spec JSON file, or the spec an mnv3 model file (.safetensors) carries."""
         path = Path(path)
         if not path.is_file():
             raise SpecError(f"{path}: no such spec file")
+        header = safetensors_metadata(path)
+        if header is not None:
+            if header.get("format") != MODEL_FORMAT or "spec" not in header:
+                raise SpecError(f"{path}: a safetensors file but not an mnv3 model file (it carries no "
+                                "network spec); import it with `mnv3 convert SOURCE --arch ARCH -o FILE`")
+            text = header["spec"]
+        else:
+            try:
+                text = path.read_text()
+            except UnicodeDecodeError:
+                raise SpecError(f"{path}: a binary file, neither a spec JSON nor an mnv3 model file "
+                                "(.safetensors)") from None
         try:
-            return cls.from_json(path.read_text())
+            return cls.from_json(text)
         except SpecError as exc:
             raise SpecError(f"{path}: {exc}") from None
+
+
+def safetensors_metadata(path: str | Path) -> dict[str, str] | None:
+    """The `__metadata__` of a safetensors file (its header is an 8-byte length and JSON), or None
+    when `path` is not one. Reads the header only, never the tensors."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return None
+            size = int.from_bytes(head, "little")
+            if not 2 <= size <= 100_000_000 or f.read(1) != b"{":
+                return None
+            header = json.loads(b"{" + f.read(size - 1))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(header, dict):
+        return None
+    meta = header.get("__metadata__") or {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def is_model_file(path: str | Path) -> bool:
+    """Whether `path` is an mnv3 model file (a safetensors file with a spec in its header)."""
+    header = safetensors_metadata(path) if Path(path).is_file() else None
+    return bool(header) and header.get("format") == MODEL_FORMAT
 
 
 def _from_fields(cls: type, data: Any, where: str) -> Any:

@@ -12,11 +12,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import safe_open, save_file
 
-from mnv3.arch import ArchSpec
+from mnv3.arch import MODEL_FORMAT, ArchSpec, safetensors_metadata
 from mnv3.files import atomic_write
 from mnv3.nn import MobileNet, build
 
-MODEL_FORMAT = "mnv3.model/1"
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 
@@ -124,6 +123,14 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     except (SafetensorError, OSError, ValueError) as exc:
         raise WeightsError(f"{path}: not a readable safetensors file ({exc})") from None
     return tensors, header
+
+
+def read_header(path: Path) -> dict[str, str]:
+    """The header of an mnv3 model file, without reading its tensors."""
+    header = safetensors_metadata(path)
+    if header is None or not is_model_header(header):
+        raise WeightsError(f"{path}: not an mnv3 model file")
+    return header
 
 
 def is_model_header(header: dict[str, str]) -> bool:

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from dataclasses import fields
 
+from mnv3.cli.common import add_json, add_output, add_threads, emit_json
 from mnv3.train.recipe import HELP, Recipe, RecipeError, builtin_recipes, load_recipe
 
 _NOT_FLAGS = ("name", "about")
 
 
-def add_parser(sub) -> None:
+def register(sub) -> None:
     p = sub.add_parser(
         "train", help="train or fine-tune a classifier (image folder, digits, cifar10)",
         description="Train a classifier and write a run folder: the resolved recipe, metrics.csv, "
@@ -34,7 +34,7 @@ def add_parser(sub) -> None:
     p.add_argument("--recipe", metavar="NAME|FILE",
                    help=f"built-in ({', '.join(builtin_recipes())}) or a JSON/YAML file "
                         "(default: finetune with --weights, otherwise cifar for small images, else paper)")
-    p.add_argument("--out", metavar="DIR", help="run folder (default runs/DATA-ARCH)")
+    add_output(p, "--out", kind="dir", metavar="DIR", help="run folder (default runs/DATA-ARCH)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint (flags left out are taken "
                         "from the run)")
@@ -42,6 +42,7 @@ def add_parser(sub) -> None:
                    help="downsample the input by this much (default: 8 for small images when training "
                         "from scratch, else the network's 32)")
     p.add_argument("--workers", type=int, default=0, help="data-loading processes (default 0)")
+    add_threads(p)
     p.add_argument("--checkpoint-steps", type=int, default=500,
                    help="also checkpoint every N steps (default 500; 0: at epoch ends only)")
     p.add_argument("--strict", action="store_true",
@@ -50,8 +51,7 @@ def add_parser(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any recipe key (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--json", action="store_true",
-                   help="end with one JSON line: top1, top5 (fractions) and the model file's path")
+    add_json(p, "top1, top5 (fractions), the model file's path, the run folder")
     group = p.add_argument_group("recipe values (override the recipe's)")
     for f in fields(Recipe):
         if f.name in _NOT_FLAGS:
@@ -82,9 +82,12 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from mnv3.data.datasets import open_data
+    from mnv3.files import check_writable
     from mnv3.train.classify import run_inputs, saved_recipe, train
     from mnv3.train.engine import TrainError
+    from mnv3.train.threads import apply_threads
 
+    apply_threads(args.threads, workers=args.workers)
     if args.resume and not args.out:
         raise TrainError("--resume needs the --out folder of the run to continue")
     earlier = run_inputs(args.out) if args.resume and args.out else {}
@@ -112,6 +115,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     recipe = recipe.override(_overrides(args))
     arch_name = getattr(arch, "name", arch) or ("weights" if weights else "mobilenet_v3_small")
     out = args.out or f"runs/{data_set.name}-{arch_name.rsplit('/', 1)[-1].removesuffix('.json')}"
+    if not args.out:
+        check_writable(out, kind="dir", flag="--out")
     main = os.environ.get("RANK", "0") == "0"
     if main:
         print(f"training {arch_name} on {data_set.name} ({len(data_set.train)} train / {len(data_set.val)} val "
@@ -125,5 +130,5 @@ def cmd_train(args: argparse.Namespace) -> int:
         if result.skipped:
             print(f"{result.skipped} unreadable training image(s) were skipped (see the log above)")
     if main and args.json and result.model_path is not None:
-        print(json.dumps(result.as_dict()))
+        emit_json(result.as_dict())
     return 0

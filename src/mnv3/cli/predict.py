@@ -1,0 +1,108 @@
+"""`mnv3 predict` and `mnv3 eval`: use a trained model on images."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from mnv3.cli.common import add_json, add_threads, emit_json
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="top-1/top-5 on an image folder",
+                       description="Evaluate on FOLDER/<class id>/<images>; class folders are named by "
+                                   "the model's class ids (ImageNet wnids for ImageNet weights); a subset "
+                                   "of the classes is fine. Unreadable images are skipped and counted.")
+    p.add_argument("--weights", required=True, metavar="FILE", help="model file (or any SOURCE convert takes)")
+    p.add_argument("--data", required=True, metavar="FOLDER")
+    p.add_argument("--arch", help="only for weights that do not carry their network")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=0, help="data-loading processes (default 0)")
+    add_threads(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_json(p, "top1, top5 (fractions), images, skipped")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="top-5 classes of images",
+                       description="Print the top classes of each image with names and probabilities. "
+                                   "A folder stands for the images in it (and its subfolders). A missing "
+                                   "or unreadable image is reported on one line and the others are still "
+                                   "predicted; the exit code is then 2.")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders of images")
+    p.add_argument("--weights", required=True, metavar="FILE", help="model file (or any SOURCE convert takes)")
+    p.add_argument("--arch", help="only for weights that do not carry their network")
+    p.add_argument("--top", type=int, default=5, help="how many classes to print (default 5)")
+    add_threads(p)
+    add_json(p, "results [{image, top: [{class, label, prob}]}], failed")
+    p.set_defaults(func=cmd_predict)
+
+
+def expand_images(items: list[str]) -> list[str]:
+    """Image arguments with every folder replaced by the images in it, sorted."""
+    from mnv3.data.images import IMAGE_SUFFIXES
+
+    out: list[str] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not found:
+                from mnv3.data import DataError
+
+                raise DataError(f"{path}: a folder with no images (looked for {', '.join(IMAGE_SUFFIXES)})")
+            out.extend(found)
+        else:
+            out.append(item)
+    return out
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from mnv3.cli.common import EXIT_USAGE
+    from mnv3.data import DataError
+    from mnv3.train.evaluate import predict
+    from mnv3.train.threads import apply_threads
+    from mnv3.weights import load
+
+    if args.top < 1:
+        raise DataError(f"--top: expected at least 1, got {args.top}")
+    images = expand_images(args.images)
+    apply_threads(args.threads)
+    model = load(args.weights, arch=args.arch)
+    failed, results = 0, []
+    for image in images:
+        try:
+            top = predict(model, image, k=args.top)
+        except DataError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        results.append({"image": image, "top": [{"class": c, "label": label, "prob": p} for c, label, p in top]})
+        print(image)
+        for rank, (_, label, prob) in enumerate(top, start=1):
+            print(f"  {rank}. {prob:6.1%}  {label}")
+    if failed:
+        print(f"{failed} of {len(images)} image(s) could not be read", file=sys.stderr)
+    if args.json:
+        emit_json({"results": results, "failed": failed})
+    return EXIT_USAGE if failed else 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from mnv3.train.evaluate import evaluate
+    from mnv3.train.threads import apply_threads
+    from mnv3.weights import load
+
+    apply_threads(args.threads, workers=args.workers)
+    model = load(args.weights, arch=args.arch)
+    result = evaluate(model, args.data, batch_size=args.batch_size, workers=args.workers,
+                      progress=not args.no_progress)
+    print(f"{model.spec.name} on {args.data}: top-1 {result.top1:.2%}, top-5 {result.top5:.2%} "
+          f"({result.images} images)")
+    if result.skipped:
+        print(f"skipped {result.skipped} unreadable image(s):", file=sys.stderr)
+        for line in result.skipped_files[:10]:
+            print(f"  {line}", file=sys.stderr)
+    if args.json:
+        emit_json(result.as_dict())
+    return 0
