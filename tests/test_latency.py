@@ -495,13 +495,18 @@ def test_bench_onnxruntime_json_and_csv(capsys, tmp_path):
     results = doc["results"]
     assert len(results) == 2
     for spec, r in zip(specs, results):
-        assert set(r) == {"arch", "runtime", "median_ms", "p10_ms", "p90_ms", "params", "macs"}
+        assert set(r) == {"arch", "runtime", "median_ms", "p10_ms", "p90_ms", "ratio", "params", "macs"}
         assert r["arch"] == spec.name
         assert r["runtime"] == "onnxruntime"
         assert 0 < r["p10_ms"] <= r["median_ms"] <= r["p90_ms"]
         cost = count(spec, 1000)
         assert (r["params"], r["macs"]) == (cost.params, cost.macs)
     assert results[0]["macs"] < results[1]["macs"]
+    # Timed side by side: each network's ratio to the first is the median of per-round ratios, close
+    # to the ratio of the medians (loosely: no speed claim, only that the two agree).
+    assert results[0]["ratio"] == 1.0
+    assert results[1]["ratio"] == pytest.approx(results[1]["median_ms"] / results[0]["median_ms"], rel=0.25)
+    assert "ratio" in err       # the table's column (human output is on stderr with --json)
     env = doc["environment"]
     assert env["threads"] == 1 and env["resolution"] == RES and env["batch"] == 1
     assert env["cpu"] and env["cores"] == (os.cpu_count() or 1)
@@ -511,16 +516,17 @@ def test_bench_onnxruntime_json_and_csv(capsys, tmp_path):
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2
-    for col in ("arch", "runtime", "median_ms", "p10_ms", "p90_ms", "params", "macs", "runs",
-                "repeats", "cpu", "cores", "runtime_version", "threads", "batch", "resolution", "dtype"):
+    for col in ("arch", "runtime", "median_ms", "p10_ms", "p90_ms", "ratio", "params", "macs", "runs",
+                "cpu", "cores", "runtime_version", "threads", "batch", "resolution", "dtype"):
         assert col in rows[0], col
     for spec, row, r in zip(specs, rows, results):
         assert row["arch"] == spec.name
         assert row["runtime"] == "onnxruntime"
         assert (row["threads"], row["batch"], row["resolution"], row["dtype"]) == ("1", "1", str(RES),
                                                                                   "float32")
-        assert int(row["runs"]) == 50
+        assert int(row["runs"]) >= 50
         assert float(row["median_ms"]) == pytest.approx(r["median_ms"])
+        assert float(row["ratio"]) == pytest.approx(r["ratio"])
         assert row["runtime_version"] == onnxruntime.__version__
 
 
@@ -638,3 +644,30 @@ def test_pool_weights_two_passes_by_their_runs():
     assert both.median_ms == pytest.approx(12.0) and both.p10_ms == pytest.approx(11.0)
     assert both.p90_ms == pytest.approx(14.0) and both.runs == 54 and both.repeats == 1
     assert pool(None, second) == second
+
+
+def test_measure_side_by_side_survives_a_load():
+    from mnv3.latency import measure_side_by_side
+
+    ft, calls = FakeTime(), []
+
+    def fn(name: str, cost: float):
+        def run():
+            calls.append(name)
+            # another job loads the machine (2x slower) during the middle third of the calls: timed
+            # one after the other, it would fall on one network and move its ratio by 2x
+            ft.work(cost * (2.0 if 80 < len(calls) <= 160 else 1.0))
+        return run
+
+    first, big, small = fn("f", 0.002), fn("b", 0.003), fn("s", 0.001)
+    got = measure_side_by_side([first, big, small], runs=50, burst=3, clock=ft.clock)
+    (t0, r0), (t1, r1), (t2, r2) = got
+    assert (r0, r1, r2) == (1.0, pytest.approx(1.5), pytest.approx(0.5))
+    assert t1.runs == t2.runs == 51 and t0.runs == 102      # the first: one burst after every other's
+    assert (t0.median_ms, t1.median_ms, t2.median_ms) == pytest.approx((2.0, 3.0, 1.0))
+    timed = calls[40:]          # after 10 warm-up calls of each other network, each with one of the first
+    assert timed[:12] == ["b"] * 3 + ["f"] * 3 + ["s"] * 3 + ["f"] * 3 and len(timed) == 17 * 12
+    with pytest.raises(LatencyError, match="at least 50"):
+        measure_side_by_side([first, big], runs=20, clock=ft.clock)
+    with pytest.raises(LatencyError, match="two"):
+        measure_side_by_side([first], clock=ft.clock)

@@ -9,6 +9,7 @@ from mnv3.latency.protocol import (
     measure_all,
     measure_ratio,
     measure_relative,
+    measure_side_by_side,
     summarize,
 )
 from mnv3.latency.runtimes import (
@@ -36,5 +37,6 @@ __all__ = [
     "measure_all",
     "measure_ratio",
     "measure_relative",
+    "measure_side_by_side",
     "summarize",
 ]

@@ -1,5 +1,6 @@
-"""The measurement protocol: warm-up, at least 50 individually timed runs, median with p10/p90, and a
-reference network re-measured during long jobs so that measurements taken while the machine drifted
+"""The measurement protocol: warm-up, at least 50 individually timed runs, median with p10/p90; functions
+compared with each other timed round-robin in short bursts and compared by their per-round ratios; and
+a reference re-measured during long jobs so that measurements taken while the machine drifted
 (another process, a frequency change) are repeated."""
 
 from __future__ import annotations
@@ -60,36 +61,76 @@ def measure(fn: Callable[[], object], runs: int = MIN_RUNS, warmup: int = 10,
     return summarize(samples)
 
 
+@dataclass(frozen=True)
+class Interleaved:
+    """What `interleave` timed: per function, its per-round ratios to the reference and every call's
+    time; and every call's time of the reference (milliseconds)."""
+
+    ratios: list[list[float]]
+    samples_ms: list[list[float]]
+    reference_ms: list[float]
+
+
+def interleave(fns: Sequence[Callable[[], object]], reference: Callable[[], object], rounds: int,
+               burst: int = 3, clock: Callable[[], float] = time.perf_counter, minimum: int = MIN_RUNS,
+               on_round: Callable[[int], None] | None = None, warmup: int = 3) -> Interleaved:
+    """Time each function in alternation with `reference`. Every round times each function in turn,
+    a burst of `burst` calls followed by a burst of the reference, and records the ratio of the two
+    bursts' medians: the samples of every function are spread over the whole call, a machine whose
+    speed drifts slows both sides of each pair alike, and a slow minute weighs on all functions
+    equally instead of on the one measured during it. `minimum` is the number of timed runs each
+    function must get; `warmup` untimed calls of each function (each followed by one of the
+    reference) come first."""
+    if rounds * burst < minimum:
+        raise LatencyError(f"rounds x burst: the protocol times at least {minimum} runs, got {rounds * burst}")
+
+    def timed(f: Callable[[], object], out: list[float]) -> float:
+        start = clock()
+        f()
+        out.append((clock() - start) * 1e3)
+        return out[-1]
+
+    for fn in fns:
+        for _ in range(max(0, warmup)):
+            fn()
+            reference()
+    ratios: list[list[float]] = [[] for _ in fns]
+    samples: list[list[float]] = [[] for _ in fns]
+    ref_samples: list[float] = []
+    for r in range(rounds):
+        for fn, out, mine in zip(fns, ratios, samples):
+            a = statistics.median(timed(fn, mine) for _ in range(burst))
+            b = statistics.median(timed(reference, ref_samples) for _ in range(burst))
+            out.append(a / b)
+        if on_round:
+            on_round(r)
+    return Interleaved(ratios, samples, ref_samples)
+
+
 def interleaved_ratios(fns: Sequence[Callable[[], object]], reference: Callable[[], object], rounds: int,
                        burst: int = 3, clock: Callable[[], float] = time.perf_counter,
                        minimum: int = MIN_RUNS, on_round: Callable[[int], None] | None = None
                        ) -> list[list[float]]:
-    """Per-round ratios of each function's time to `reference`'s. Every round times each function in
-    turn, a burst of `burst` calls (their median) followed by a burst of the reference, so the
-    samples of every function are spread over the whole call: a machine whose speed drifts slows
-    both sides of each pair alike, and a slow minute weighs on all functions equally instead of on
-    the one measured during it. `minimum` is the number of timed runs each function must get."""
-    if rounds * burst < minimum:
-        raise LatencyError(f"rounds x burst: the protocol times at least {minimum} runs, got {rounds * burst}")
+    """Per-round ratios of each function's time to `reference`'s, timed as `interleave` does."""
+    return interleave(fns, reference, rounds, burst, clock, minimum, on_round).ratios
 
-    def timed(f: Callable[[], object]) -> float:
-        start = clock()
-        f()
-        return clock() - start
 
-    for fn in fns:
-        for _ in range(3):
-            fn()
-            reference()
-    ratios: list[list[float]] = [[] for _ in fns]
-    for r in range(rounds):
-        for fn, out in zip(fns, ratios):
-            a = statistics.median(timed(fn) for _ in range(burst))
-            b = statistics.median(timed(reference) for _ in range(burst))
-            out.append(a / b)
-        if on_round:
-            on_round(r)
-    return ratios
+def measure_side_by_side(fns: Sequence[Callable[[], object]], runs: int = MIN_RUNS, burst: int = 3,
+                         warmup: int = 10, clock: Callable[[], float] = time.perf_counter,
+                         on_round: Callable[[int], None] | None = None) -> list[tuple[Timing, float]]:
+    """Several functions compared with the first, timed round-robin (`interleave`, the first as the
+    reference): every round, a burst of each other function followed by a burst of the first. Each
+    gets its Timing from its own calls (at least `runs`; the first from all of its calls, one burst
+    after every other function's) and its ratio to the first: the median of the per-round ratios,
+    which holds while another job loads the machine, where a ratio of medians taken one function
+    after the other carries whatever load each one happened to meet. The first's ratio is 1.0."""
+    if len(fns) < 2:
+        raise LatencyError("side by side: need at least two functions to compare")
+    if isinstance(runs, bool) or not isinstance(runs, int) or runs < MIN_RUNS:
+        raise LatencyError(f"runs: the protocol times at least {MIN_RUNS} runs, got {runs!r}")
+    got = interleave(fns[1:], fns[0], -(-runs // burst), burst, clock, runs, on_round, warmup)
+    return [(summarize(got.reference_ms), 1.0)] + [
+        (summarize(samples), statistics.median(ratios)) for samples, ratios in zip(got.samples_ms, got.ratios)]
 
 
 def _ratios(fn: Callable[[], object], reference: Callable[[], object], rounds: int, burst: int,
