@@ -142,8 +142,19 @@ def test_bad_database_urls(tmp_path):
         LatencyTable("postgresql+psycopg://nobody@127.0.0.1:1/none")
     with pytest.raises(LatencyError, match="not a database URL"):
         LatencyTable("no-such-scheme")
-    with pytest.raises(LatencyError, match="cannot open"):
-        LatencyTable(f"sqlite:///{tmp_path / 'missing-dir' / 'x.sqlite'}")
+    # SQLite has no server: the message names the file and the system's reason
+    missing = tmp_path / "missing-dir" / "x.sqlite"
+    with pytest.raises(LatencyError) as caught:
+        LatencyTable(f"sqlite:///{missing}")
+    assert str(caught.value) == (f"sqlite:///{missing}: cannot create the database file {missing} "
+                                 "(No such file or directory); choose another --db")
+    assert not missing.parent.exists()
+    with pytest.raises(LatencyError, match=r"cannot open the database file .* \(Is a directory\)"):
+        LatencyTable(f"sqlite:///{tmp_path}")
+    other = tmp_path / "notes.sqlite"
+    other.write_text("not a database, but long enough to have a header " * 4)
+    with pytest.raises(LatencyError, match=r"cannot open the database file .*notes.sqlite \(file is not a database\)"):
+        LatencyTable(f"sqlite:///{other}")
 
 
 # -- the command, killed and resumed ----------------------------------------------------------------
@@ -203,7 +214,11 @@ def test_lut_build_killed_then_resumed(tmp_path, capsys):
 
 @pytest.mark.parametrize("extra, message", [
     (["--runtime", "nope"], "unknown runtime"),
-    (["--runtime", "onnxruntime", "--db", "postgresql+psycopg://nobody@127.0.0.1:1/none"], "cannot open"),
+    (["--runtime", "onnxruntime", "--db", "postgresql+psycopg://nobody@127.0.0.1:1/none"],
+     "check that the server runs"),
+    (["--runtime", "onnxruntime", "--db", "sqlite:///no-dir/lut.sqlite"],
+     ("error: sqlite:///no-dir/lut.sqlite: cannot create the database file no-dir/lut.sqlite (No such file or "
+      "directory); choose another --db\n")),
     (["--runtime", "onnxruntime", "--threads", "0"], "impossible"),
     (["--runtime", "onnxruntime", "--space", "no_such_net"], "unknown architecture"),
     (["--runtime", "onnxruntime", "--passes", "0"], "passes: 0; use 1 to 16"),

@@ -47,6 +47,7 @@ class LatencyTable:
                                "or postgresql+psycopg://USER@HOST/DB") from None
         except (exc.OperationalError, exc.InterfaceError) as e:
             first = str(e.orig if getattr(e, "orig", None) else e).splitlines()[0]
+            self._raise_for_sqlite_file(first)
             raise LatencyError(f"--db {self.url}: cannot open the table database ({first}); check "
                                "that the server runs and the URL is right") from None
         except (exc.ProgrammingError, exc.IntegrityError) as e:
@@ -54,10 +55,41 @@ class LatencyTable:
             raise LatencyError(f"--db {self.url}: cannot create the tables ({first}); let this database "
                                "user create tables (GRANT CREATE ON SCHEMA public), or create them once as "
                                "a user who may and grant this one SELECT, INSERT, UPDATE, DELETE") from None
+        except exc.DatabaseError as e:         # SQLite: "file is not a database"
+            first = str(e.orig if getattr(e, "orig", None) else e).splitlines()[0]
+            self._raise_for_sqlite_file(first)
+            raise LatencyError(f"--db {self.url}: the table database refused to open ({first})") from None
         except ModuleNotFoundError as e:
             raise LatencyError(f"--db {self.url}: its driver is not installed ({e}); for PostgreSQL: "
                                "pip install 'psycopg[binary]'") from None
         self._sa = sa
+
+    def _raise_for_sqlite_file(self, sqlite_says: str) -> None:
+        """For a SQLite URL, raise the reason its file cannot be opened: there is no server to check,
+        and SQLite itself only says "unable to open database file". The reason is the operating
+        system's, from opening (or creating, then removing) the file the way SQLite would."""
+        import os
+        from pathlib import Path
+
+        from sqlalchemy.engine import make_url
+
+        url = make_url(self.url)
+        if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:" \
+                or url.database.startswith("file:"):
+            return
+        path = Path(url.database)
+        existed = path.exists()
+        reason = sqlite_says
+        try:
+            fd = os.open(path, os.O_RDWR if existed else os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+        except OSError as e:
+            reason = e.strerror or sqlite_says
+        else:
+            os.close(fd)
+            if not existed:
+                path.unlink()
+        raise LatencyError(f"{self.url}: cannot {'open' if existed else 'create'} the database file {path} "
+                           f"({reason}); choose another --db") from None
 
     def _create_tables(self, meta) -> None:
         """Create the tables unless they exist. Two machines starting on a new database at once both
