@@ -74,14 +74,19 @@ def test_build_lookup_resume_and_predict(tmp_path):
     space = tiny_space()
     runtime = get_runtime("onnxruntime")
     table = LatencyTable(f"sqlite:///{tmp_path / 'lut.sqlite'}")
-    first = build_table(space, runtime, table, chunk=8, calibration_networks=3, progress=False, log=lambda s: None)
+    logs: list[str] = []
+    first = build_table(space, runtime, table, chunk=8, calibration_networks=3, progress=False, log=logs.append)
     parts = space_parts(space)
+    n_entries = len(parts)
+    # a fresh table says so (its reference part, measured first, does not make it look resumed)
+    assert logs.pop().startswith(f"fresh table: {n_entries} entries to measure in 3 passes (space {space.key()}")
     assert first["entries"] == len(parts) and first["measured"] == len(parts)
     stored = table.get(first["env"])
     assert set(stored) == {p.key for p in parts}
     assert all(t.runs >= 50 and t.p10_ms <= t.median_ms <= t.p90_ms for t in stored.values())
 
-    again = build_table(space, runtime, table, progress=False, log=lambda s: None)
+    again = build_table(space, runtime, table, progress=False, log=logs.append)
+    assert logs.pop().startswith(f"complete: all {n_entries} entries are in the table")
     assert again["measured"] == 0 and table.get(first["env"]) == stored      # nothing re-measured
 
     predictor = Predictor(space, runtime, table)
@@ -109,7 +114,9 @@ def test_build_lookup_resume_and_predict(tmp_path):
     table.put(env, [(ref, Timing(2 * unit.median_ms, 2 * unit.p10_ms, 2 * unit.p90_ms, unit.runs))])
     with sqlite3.connect(tmp_path / "lut.sqlite") as conn:
         conn.executemany("delete from latency_entries where key = ?", [(k,) for k in redo])
-    resumed = build_table(space, runtime, table, calibration_networks=3, progress=False, log=lambda s: None)
+    resumed = build_table(space, runtime, table, calibration_networks=3, progress=False, log=logs.append)
+    assert logs.pop().startswith(f"resuming: {n_entries - len(redo)} of {n_entries} entries complete, "
+                                 f"{len(redo)} to measure")
     assert resumed["measured"] == len(redo)
     now = table.get(env)
     assert 1.5 < statistics.median(now[k].median_ms / stored[k].median_ms for k in redo) < 2.6
@@ -191,7 +198,10 @@ def test_lut_build_killed_then_resumed(tmp_path, capsys):
     assert set(before.values()) == {18}                 # the others: the first of three passes
 
     assert main([*args, "--json"]) == 0
-    out = json.loads(capsys.readouterr().out)
+    out, err = capsys.readouterr()
+    out = json.loads(out)
+    # the reference part was measured whole before the kill, the others got their first pass
+    assert f"resuming: 1 of {total} entries complete, {total - 1} to measure" in err
     assert out["entries"] == total and out["measured"] == total - 1 and out["passes"] == 3
     with sqlite3.connect(db) as conn:
         after = dict(conn.execute("select key, runs from latency_entries").fetchall())

@@ -173,6 +173,7 @@ def _onnx_models(parts: list[Part]) -> dict[str, bytes]:
 
 
 PASSES = 3
+CHECK_EVERY = 24          # entries between two checks of the drift guard's reference
 
 
 def build_table(space: SearchSpace, runtime: Runtime, table: LatencyTable, *, threads: int = 1,
@@ -203,13 +204,17 @@ def build_table(space: SearchSpace, runtime: Runtime, table: LatencyTable, *, th
         return ref_part.key != p.key and (p.key not in have or have[p.key].runs < min(n * per_pass, runs))
 
     left = {n: [p for p in parts if short(p, n)] for n in range(1, passes + 1)}
-    complete = len(parts) - len(left[passes])
     measured = len(left[passes]) + (ref_part.key not in have)
-    log(f"{len(parts)} table entries for space {space.key()} on {env}: {complete} complete, "
-        f"{len(left[passes])} to measure in up to {passes} passes")
+    where = f"space {space.key()} on {env}"
+    if not have:
+        log(f"fresh table: {len(parts)} entries to measure in {passes} passes ({where})")
+    elif measured:
+        log(f"resuming: {len(parts) - measured} of {len(parts)} entries complete, {measured} to measure "
+            f"({where})")
+    else:
+        log(f"complete: all {len(parts)} entries are in the table ({where})")
     work = sum(len(v) for v in left.values())
     guard = None
-    bar = tqdm(total=work, unit="entry", desc="lut build", disable=not progress, file=sys.stderr)
     if work or ref_part.key not in have:
         # Every entry is timed in alternation with one reference part and stored in the units of that
         # part's latency when the table was started (its own entry), so entries measured minutes or
@@ -222,6 +227,23 @@ def build_table(space: SearchSpace, runtime: Runtime, table: LatencyTable, *, th
             have[ref_part.key] = table.get(env, [ref_part.key])[ref_part.key]
         unit_ms = have[ref_part.key].median_ms
         guard = DriftGuard(reference, runs=runs)
+    # The ETA is the average rate over the entries reported so far (smoothing=0), not tqdm's moving
+    # average of the latest updates: measure_all reports a group of CHECK_EVERY entries at once, after
+    # the group's drift check, and the first update, counted alone, carried the setup, the first
+    # chunk's export and a whole group's time (a fresh 255-entry build showed 1/255 [00:04<18:08] and
+    # took 7 s). So the bar starts after the setup above (the reference part's entry, the drift
+    # guard's baseline), moves a whole group at a time (miniters=1: every group shows) and shows no
+    # ETA before the first group. In the first pass the rate includes the chunks' exports, which the
+    # later passes reuse: the ETA errs high there and settles as the passes go.
+    bar = tqdm(total=work, unit="entry", desc="lut build", disable=not progress, file=sys.stderr,
+               smoothing=0, miniters=1)
+
+    def on_result(size: int) -> Callable[[int, Timing], None]:
+        def reported(i: int, timing: Timing) -> None:       # a whole group, at its last entry
+            if (i + 1) % CHECK_EVERY == 0 or i + 1 == size:
+                bar.update(i % CHECK_EVERY + 1)
+        return reported
+
     store: dict[str, bytes] = {}
     for n in range(1, passes + 1):
         todo = [p for p in parts if short(p, n)]         # again: the pass before may have been cut short
@@ -231,8 +253,8 @@ def build_table(space: SearchSpace, runtime: Runtime, table: LatencyTable, *, th
             sessions = _sessions(runtime, group, threads, store)
             # The reference is re-checked every 24 entries; a drifted group is measured once more,
             # then the baseline moves (on a noisy machine, repeating until quiet would never end).
-            timings = measure_all(sessions, guard, runs=runs, check_every=24, max_repeats=1,
-                                  on_result=lambda i, t: bar.update(),
+            timings = measure_all(sessions, guard, runs=runs, check_every=CHECK_EVERY, max_repeats=1,
+                                  on_result=on_result(len(group)),
                                   timer=lambda fn: measure_relative(fn, reference, unit_ms, per_pass,
                                                                     minimum=per_pass))
             pooled = [(p.key, pool(have.get(p.key), t)) for p, t in zip(group, timings)]
