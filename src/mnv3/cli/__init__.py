@@ -7,12 +7,12 @@ import argparse
 import contextlib
 import sys
 
-from mnv3.cli import bench, convert, info, lut, predict, train
+from mnv3.cli import bench, convert, info, lut, predict, search, train
 from mnv3.cli.common import _JSON_OUT, EXIT_USAGE, check_outputs
 
 # In the order of the workflow: look at a network, bring weights in, measure it on your device,
-# build the latency tables the search reads, train, then use the model.
-COMMANDS = (info, convert, bench, lut, train, predict)
+# build the latency tables the search reads, search, train the winner, then use the model.
+COMMANDS = (info, convert, bench, lut, search, train, predict)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,13 +32,16 @@ def errors() -> tuple[type[BaseException], ...]:
     from mnv3.data import DataError
     from mnv3.files import OutputError
     from mnv3.latency import LatencyError
+    from mnv3.search.reward import RewardError
+    from mnv3.search.run import SearchError
+    from mnv3.search.strategies import StrategyError
     from mnv3.train.engine import TrainError
     from mnv3.train.recipe import RecipeError
     from mnv3.train.threads import ThreadsError
     from mnv3.weights import WeightsError
 
     return (SpecError, WeightsError, DataError, LatencyError, TrainError, RecipeError, OutputError,
-            ThreadsError)
+            ThreadsError, SearchError, RewardError, StrategyError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,126 @@
+"""Where the search gets a candidate's latency: the calibrated predictor of a lookup table for the
+space and runtime (the default), or an end-to-end measurement of every candidate."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mnv3.arch import ArchSpec
+from mnv3.latency import LatencyError, get_runtime
+from mnv3.latency.protocol import MIN_RUNS, measure
+from mnv3.latency.runtimes import Runtime
+from mnv3.space import SearchSpace
+
+
+@dataclass
+class PredictedLatency:
+    """The table's calibrated predictor; networks outside the space (a reference such as
+    MobileNetV3-Small 0.75) are measured end to end in the table's units instead."""
+
+    space: SearchSpace
+    runtime: Runtime
+    db: str
+    threads: int = 1
+    name: str = "predicted"
+    _predictor: object = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        from mnv3.latency.lut import Predictor
+        from mnv3.latency.table import LatencyTable
+
+        self.table = LatencyTable(self.db)
+        try:
+            self._predictor = Predictor(self.space, self.runtime, self.table, threads=self.threads)
+        except LatencyError as exc:
+            raise LatencyError(f"no latency table for this space on {self.runtime.name} in {self.table.url} "
+                               f"({exc}). Build it first: {self.build_command()}; or pass --build-table "
+                               "(or --latency measure)") from None
+        if self.table.calibration(self._predictor.env, self.space.key()) is None:
+            raise LatencyError(f"the table in {self.table.url} holds entries but no calibration for space "
+                               f"{self.space.key()}: {self.build_command()}")
+
+    def build_command(self) -> str:
+        return (f"mnv3 lut build --runtime {self.runtime.name} --space SPACE.json --db {self.db}"
+                f"{'' if self.threads == 1 else f' --threads {self.threads}'}")
+
+    def covers(self, spec: ArchSpec) -> bool:
+        from mnv3.latency.lut import network_parts
+
+        return all(p.key in self._predictor.entries for p in network_parts(spec))
+
+    def ms(self, spec: ArchSpec) -> float:
+        if self.covers(spec):
+            return float(self._predictor.predict(spec))
+        return self.measure([spec])[0]
+
+    def measure(self, specs: list[ArchSpec], progress: bool = False) -> list[float]:
+        """End-to-end latencies in the table's units (timed against the table's reference part)."""
+        from mnv3.latency.lut import measure_in_table_units
+
+        return measure_in_table_units(specs, self.space, self.runtime, self.table, threads=self.threads,
+                                      progress=progress)
+
+    def describe(self) -> dict:
+        return {"latency": self.name, "runtime": self.runtime.name, "db": self.table.url,
+                "threads": self.threads, "calibration": {k: v for k, v in self._predictor.calibration.items()
+                                                         if k in ("model", "a", "b", "c", "loo_mape", "n")}}
+
+
+@dataclass
+class MeasuredLatency:
+    """Every candidate measured end to end with the protocol (median of at least 50 runs)."""
+
+    runtime: Runtime
+    threads: int = 1
+    runs: int = MIN_RUNS
+    name: str = "measured"
+
+    def ms(self, spec: ArchSpec) -> float:
+        return measure(self.runtime.session(spec, threads=self.threads), runs=self.runs).median_ms
+
+    def measure(self, specs: list[ArchSpec], progress: bool = False) -> list[float]:
+        """Several networks timed round-robin in one run (ratios to the first hold under load)."""
+        from mnv3.latency.protocol import measure_side_by_side
+
+        if len(specs) == 1:
+            return [self.ms(specs[0])]
+        sessions = [self.runtime.session(s, threads=self.threads) for s in specs]
+        return [t.median_ms for t, _ in measure_side_by_side(sessions, runs=self.runs)]
+
+    def describe(self) -> dict:
+        return {"latency": self.name, "runtime": self.runtime.name, "threads": self.threads}
+
+
+def open_latency(kind: str, space: SearchSpace, runtime: str, *, db: str, threads: int = 1,
+                 build: bool = False, progress: bool = True, space_file: Path | None = None):
+    """The search's latency source; `build` builds the table (and its calibration) when missing."""
+    rt = get_runtime(runtime)
+    if kind == "measure":
+        return MeasuredLatency(rt, threads)
+    if kind != "predict":
+        raise LatencyError(f"--latency: expected predict or measure, got {kind!r}")
+    try:
+        source = PredictedLatency(space, rt, db, threads)
+    except LatencyError:
+        if not build:
+            if space_file is not None:
+                raise LatencyError(f"no calibrated latency table for this space on {runtime} in {db}. Build "
+                                   f"it: mnv3 lut build --runtime {runtime} --space {space_file} --db {db}"
+                                   f"{'' if threads == 1 else f' --threads {threads}'}; or pass --build-table "
+                                   "(or --latency measure)") from None
+            raise
+        from mnv3.latency.lut import build_table
+        from mnv3.latency.table import LatencyTable
+
+        build_table(space, rt, LatencyTable(db), threads=threads, progress=progress,
+                    log=lambda s: print(s, flush=True))
+        source = PredictedLatency(space, rt, db, threads)
+    return source
+
+
+def save_space(space: SearchSpace, path: Path) -> Path:
+    from mnv3.files import atomic_write_text
+
+    return atomic_write_text(path, json.dumps(space.to_dict(), indent=1) + "\n")
