@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from mnv3.arch import ArchSpec, SpecError
+from mnv3.arch import ArchSpec
 from mnv3.complexity import count
 from mnv3.files import atomic_write_csv
 from mnv3.search.genome import GenomeSpace
