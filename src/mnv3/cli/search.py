@@ -157,6 +157,9 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise SearchError("--target-ms and --target-of both set a target: give one")
     check_threads(args.runtime_threads)
     apply_threads(args.threads)
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)      # the progress bar and the table report
     out = Path(args.out or time.strftime("runs/search-%Y%m%d-%H%M%S"))
     if not args.out:
         from mnv3.files import check_writable

@@ -49,8 +49,8 @@ def finish(search, *, final_k: int = 5, references: list[tuple[str, ArchSpec]] =
         measured = search.latency.measure([e["spec"] for e in everyone], progress=progress)
         for e, m in zip(everyone, measured):
             e["measured_ms"] = float(m)
-        for f, t in zip(finals, tops):
-            search.study._storage.set_trial_user_attr(t._trial_id, "measured_ms", f["measured_ms"])
+        for f in finals:        # a finished trial cannot take attributes any more: the study keeps them
+            search.study.set_user_attr(f"measured:{f['trial']}", f["measured_ms"])
     best = finals[0]
     best_path = best["spec"].replace(name=f"{search.space.seed.name}_search_t{best['trial']}").save(
         search.out / "best.json")

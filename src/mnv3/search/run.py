@@ -48,11 +48,15 @@ def open_storage(url: str, heartbeat: int | None = 10, grace: int | None = 30):
     """Optuna's RDB storage with heartbeats: a trial whose worker died (SIGKILL) is marked failed
     after `grace` seconds without a heartbeat, and put back in the queue once (its genome is
     evaluated again by whichever worker is free)."""
-    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    import warnings
 
+    from optuna.exceptions import ExperimentalWarning
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    warnings.filterwarnings("ignore", category=ExperimentalWarning)    # heartbeats: experimental since 2.x
     try:
         return RDBStorage(url, heartbeat_interval=heartbeat, grace_period=grace,
-                          failed_trial_callback=RetryFailedTrialCallback(max_retry=2),
+                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
                           engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy and drivers raise many kinds for a bad URL
         first = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:300]
@@ -181,13 +185,10 @@ class Search:
 
     def _fail_orphans(self) -> None:
         """An SQLite study belongs to one process: trials left running by a killed run are failed
-        now, and put back in the queue by the retry callback, instead of after the grace period."""
-        from optuna.storages import RetryFailedTrialCallback
-
-        retry = RetryFailedTrialCallback(max_retry=2)
+        now and their genomes put back in the queue, instead of after the heartbeat's grace period."""
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
-                retry(self.study, self.storage.get_trial(t._trial_id))
+            if self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL) and t.params:
+                self.study.enqueue_trial(t.params, user_attrs={"retry_of": t.number}, skip_if_exists=False)
 
     def best_trial(self) -> FrozenTrial | None:
         done = [t for t in self.finished() if "reward" in t.user_attrs]
@@ -209,7 +210,8 @@ class Search:
             a = t.user_attrs
             rows.append({"trial": t.number, "genome": json.dumps(self.genomes.from_params(t.params)),
                          "spec_key": a.get("spec_key"), "accuracy": a.get("accuracy"),
-                         "predicted_ms": a.get("predicted_ms"), "measured_ms": a.get("measured_ms"),
+                         "predicted_ms": a.get("predicted_ms"),
+                         "measured_ms": self.study.user_attrs.get(f"measured:{t.number}"),
                          "reward": a.get("reward"), "params": a.get("params"), "macs": a.get("macs"),
                          "seconds": round(a.get("seconds", math.nan), 2),
                          "duplicate_of": a.get("duplicate_of", "")})
