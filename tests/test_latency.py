@@ -402,6 +402,9 @@ def test_environment_and_key():
     keys = [e.key() for e in others]
     assert key not in keys
     assert len(set(keys)) == len(keys)
+    # a key reads back as its environment (table listings in error messages), "torch-fused" included
+    assert [Environment.from_key(k) for k in [key, *keys]] == [env, *others]
+    assert Environment.from_key("a|b|c") is None and Environment.from_key("x|twoc|rt-1|t1|b1|r9|f") is None
 
 
 def test_latency_model_keeps_activations_away_from_zero():

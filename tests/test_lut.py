@@ -102,7 +102,7 @@ def test_build_lookup_resume_and_predict(tmp_path):
         blocks=(mnv3.BlockSpec(7, 64, 16, None, "hswish", 2),) + space.seed.blocks[1:])
     with pytest.raises(LatencyError, match="not in the table"):
         predictor.predict(outside)
-    with pytest.raises(LatencyError, match="no entries"):
+    with pytest.raises(LatencyError, match=r"has no torch table \(it holds onnxruntime tables\); build one first"):
         Predictor(space, get_runtime("torch"), table)
 
     # Entries are stored in the units of the reference part's own entry, taken when the table was
@@ -221,6 +221,25 @@ def test_lut_build_killed_then_resumed(tmp_path, capsys):
                  "--db", f"sqlite:///{db}", "--n", "3", "--seed", "1234", "--no-progress"]) == 2
     assert "calibration's own networks" in capsys.readouterr().err
 
+    # Validating what was not built names the table that was, and the flag that differs.
+    def refused(*flags: str) -> str:
+        assert main(["lut", "validate", "--runtime", "onnxruntime", "--db", f"sqlite:///{db}", "--n", "2",
+                     "--no-progress", *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: the table database "), err
+        return err
+
+    err = refused("--space", str(space_file), "--resolution", "48")
+    assert "has no onnxruntime table for this space" in err and "at --resolution 48 with --threads 1" in err
+    assert "it holds one for the same --space at --resolution 32 with --threads 1 (pass --resolution 32); " in err
+    assert err.endswith(f"or build this one: mnv3 lut build --runtime onnxruntime --space {space_file} "
+                        f"--resolution 48 --db sqlite:///{db}\n")
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(tiny_space(kernels=(3, 5, 7), expansion_ratios=(4.0,)).to_dict()))
+    err = refused("--space", str(other))
+    assert (f"it holds one for space {space.key()} (--expansion-ratios 3 6, not 4) at --resolution 32 with "
+            "--threads 1 (pass its --space); ") in err
+
 
 @pytest.mark.parametrize("extra, message", [
     (["--runtime", "nope"], "unknown runtime"),
@@ -264,9 +283,44 @@ def test_lut_space_saves_a_space_that_build_accepts(tmp_path, capsys):
 def test_validate_without_table(tmp_path, capsys):
     space_file = tmp_path / "space.json"
     space_file.write_text(json.dumps(tiny_space().to_dict()))
+    db = f"sqlite:///{tmp_path / 'empty.sqlite'}"
     code = main(["lut", "validate", "--runtime", "onnxruntime", "--space", str(space_file),
-                 "--db", f"sqlite:///{tmp_path / 'empty.sqlite'}", "--n", "2", "--no-progress"])
-    assert code == 2 and "mnv3 lut build" in capsys.readouterr().err
+                 "--db", db, "--n", "2", "--no-progress"])
+    assert code == 2
+    assert capsys.readouterr().err == (f"error: the table database {db} holds no lookup table yet; build one "
+                                       f"first: mnv3 lut build --runtime onnxruntime --space {space_file} "
+                                       f"--resolution 32 --db {db}\n")
+
+
+def test_missing_table_lists_the_tables_the_database_holds(tmp_path):
+    """No table for the request: the message lists this runtime's tables, this machine's first, with
+    the flag to pass where a flag is what differs (nothing is measured here)."""
+    import dataclasses
+
+    from mnv3.latency.lut import MissingTable
+
+    space, runtime = tiny_space(), get_runtime("onnxruntime")
+    here = runtime.environment(1, 1, 32)
+    table = LatencyTable(f"sqlite:///{tmp_path / 'lut.sqlite'}")
+    calibration = {"a": 1.0, "b": 0.0, "space": space.to_dict()}
+    envs = [dataclasses.replace(here, cpu="Other CPU", cores=64), dataclasses.replace(here, runtime_version="0.1"),
+            dataclasses.replace(here, threads=2), dataclasses.replace(here, runtime="litert")]
+    for env in envs:
+        table.put(env.key(), [("stem:x", Timing(1.0, 0.9, 1.1, 50))])
+        table.set_calibration(env.key(), space.key(), calibration)
+    table.put(dataclasses.replace(here, resolution=64).key(), [("stem:y", Timing(1.0, 0.9, 1.1, 50))])
+    with pytest.raises(MissingTable) as caught:
+        Predictor(space, runtime, table)
+    same = "the same --space at --resolution"
+    assert str(caught.value) == (
+        f"the table database {table.url} has no onnxruntime table for this space ({space.key()}) at --resolution "
+        f"32 with --threads 1, batch 1, on this machine; it holds tables for: 1 entry not yet calibrated (a "
+        f"build that stopped or still runs) at --resolution 64 with --threads 1; {same} 32 with --threads 2 "
+        f"(pass --threads 2); {same} 32 with --threads 1, onnxruntime 0.1, not the installed "
+        f"{here.runtime_version}; {same} 32 with --threads 1, measured on Other CPU with 64 cores, and tables "
+        f"are per machine; or build this one: mnv3 lut build --runtime onnxruntime --space SPACE --resolution 32 "
+        f"--db {table.url}")
+    assert caught.value.describe("space.json").endswith("--space space.json --resolution 32 --db " + table.url)
 
 
 # -- LiteRT entries written directly as TFLite graphs ---------------------------------------------

@@ -519,3 +519,7 @@ def test_build_resume_and_predict_on_postgresql(pg_url, tables):
                                                              for p in network_parts(spec)))
     assert predictor.calibration == table.calibration(first["env"], space.key()) == again["calibration"]
     assert predictor.predict(spec) > 0
+    # what the database holds, as error messages list it: the table and its space, readable back
+    held = {t["env"]: t for t in table.tables()}[first["env"]]
+    assert held["entries"] == len(keys) and list(held["calibrations"]) == [space.key()]
+    assert SearchSpace.from_dict(held["calibrations"][space.key()]["space"]) == space

@@ -122,16 +122,19 @@ def cmd_lut_build(args: argparse.Namespace) -> int:
 
 def cmd_lut_validate(args: argparse.Namespace) -> int:
     from mnv3.files import unused_path
-    from mnv3.latency import check_threads, get_runtime
-    from mnv3.latency.lut import scatter_plot, validate
+    from mnv3.latency import LatencyError, check_threads, get_runtime
+    from mnv3.latency.lut import MissingTable, scatter_plot, validate
     from mnv3.latency.table import LatencyTable
 
     runtime = get_runtime(args.runtime)
     threads = check_threads(args.threads)
     space = space_from_args(args)
     table = LatencyTable(args.db)
-    stats, points = validate(space, runtime, table, n=args.n, threads=threads, seed=args.seed,
-                             progress=not args.no_progress)
+    try:
+        stats, points = validate(space, runtime, table, n=args.n, threads=threads, seed=args.seed,
+                                 progress=not args.no_progress)
+    except MissingTable as e:            # the build command it suggests, with this --space
+        raise LatencyError(e.describe(args.space)) from None
     print(f"{stats['n']} random networks of {space.key()} on {runtime.name}: MAPE {stats['mape']:.1%}, "
           f"RMSE {stats['rmse_ms']:.3f} ms, within ±5% {stats['within_5']:.0%}, within ±10% {stats['within_10']:.0%}")
     plot = args.plot or unused_path(f"lut-validate-{runtime.name}.png")

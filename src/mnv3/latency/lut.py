@@ -38,8 +38,8 @@ from mnv3.latency.protocol import (
     measure_relative,
     pool,
 )
-from mnv3.latency.runtimes import LatencyError, LiteRtRuntime, OnnxRuntime, Runtime, export_onnx
-from mnv3.latency.table import LatencyTable
+from mnv3.latency.runtimes import Environment, LatencyError, LiteRtRuntime, OnnxRuntime, Runtime, export_onnx
+from mnv3.latency.table import DEFAULT_URL, LatencyTable
 from mnv3.latency.tflite_writer import block_tflite, head_tflite, stem_tflite
 from mnv3.nn.layers import ConvBNAct, InvertedResidual, activation
 from mnv3.space import BlockEntry, SearchSpace
@@ -393,9 +393,98 @@ def calibrate(space: SearchSpace, runtime: Runtime, table: LatencyTable, *, thre
     measured, reference_ms = _measure_networks(specs, runtime, threads, batch, runs, progress, "calibrate", space,
                                                entries)
     data = {**fit_calibration(sums, counts, measured), "n": n, "seed": seed, "reference_ms": reference_ms,
-            "networks": [{"sum_ms": s, "parts": c, "measured_ms": m} for s, c, m in zip(sums, counts, measured)]}
+            "networks": [{"sum_ms": s, "parts": c, "measured_ms": m} for s, c, m in zip(sums, counts, measured)],
+            "space": space.to_dict()}        # so that a request for another space can be told what differs
     table.set_calibration(env, space.key(), data)
     return data
+
+
+_CHOICES = tuple(f.name for f in dataclasses.fields(SearchSpace) if f.name != "seed")
+
+
+def _space_differences(theirs: SearchSpace, ours: SearchSpace) -> list[str]:
+    """How space `theirs` differs from `ours`, resolution aside, in the flags of `mnv3 lut space`."""
+    def shape(spec: ArchSpec) -> dict:
+        return {k: v for k, v in spec.to_dict().items() if k not in ("name", "resolution")}
+
+    def values(name: str, space: SearchSpace) -> str:
+        got = getattr(space, name)
+        return " ".join(("on" if v else "off") if name == "se" else f"{v:g}" if isinstance(v, float) else str(v)
+                        for v in got)
+
+    diffs = []
+    if shape(theirs.seed) != shape(ours.seed):
+        diffs.append(f"seed {theirs.seed.name}, not {ours.seed.name}" if theirs.seed.name != ours.seed.name
+                     else f"another seed network called {theirs.seed.name}")
+    diffs += [f"--{c.replace('_', '-')} {values(c, theirs)}, not {values(c, ours)}" for c in _CHOICES
+              if getattr(theirs, c) != getattr(ours, c)]
+    return diffs
+
+
+class MissingTable(LatencyError):
+    """The database holds no table (entries and calibration) for this space on this runtime and
+    environment. The message lists the tables it does hold for the runtime, with the flags that
+    differ; `describe(space_arg)` puts the caller's --space into the build command it suggests."""
+
+    def __init__(self, url: str, wanted: Environment, space: SearchSpace, tables: list[dict]) -> None:
+        self.url, self.wanted, self.space, self.tables = url, wanted, space, tables
+        super().__init__(self.describe())
+
+    def build_command(self, space_arg: str) -> str:
+        w = self.wanted
+        return (f"mnv3 lut build --runtime {w.runtime} --space {space_arg} --resolution {w.resolution}"
+                + (f" --threads {w.threads}" if w.threads != 1 else "")
+                + (f" --db {self.url}" if self.url != DEFAULT_URL else ""))
+
+    def describe(self, space_arg: str = "SPACE") -> str:
+        w, build = self.wanted, self.build_command(space_arg)
+        if not self.tables:
+            return f"the table database {self.url} holds no lookup table yet; build one first: {build}"
+        envs = [(Environment.from_key(t["env"]), t) for t in self.tables]
+        mine = [(e, t) for e, t in envs if e is not None and e.runtime == w.runtime]
+        if not mine:
+            others = sorted({e.runtime for e, _ in envs if e is not None})
+            held = f" (it holds {', '.join(others)} tables)" if others else ""
+            return f"the table database {self.url} has no {w.runtime} table{held}; build one first: {build}"
+        mine.sort(key=lambda et: ((et[0].cpu, et[0].cores) != (w.cpu, w.cores),
+                                  et[0].runtime_version != w.runtime_version, et[0].key()))
+        found = [text for e, t in mine for text in self._held(e, t)]
+        shown = "; ".join(found[:4]) + (f"; and {len(found) - 4} more" if len(found) > 4 else "")
+        return (f"the table database {self.url} has no {w.runtime} table for this space ({self.space.key()}) "
+                f"at --resolution {w.resolution} with --threads {w.threads}, batch {w.batch}, on this "
+                f"machine; it holds {'one for ' if len(found) == 1 else 'tables for: '}{shown}; "
+                f"or build this one: {build}")
+
+    def _held(self, env: Environment, table: dict) -> list[str]:
+        """One description per calibrated space of one environment's table, with what to pass."""
+        w = self.wanted
+        flags = [f"--resolution {env.resolution}"] if env.resolution != w.resolution else []
+        flags += [f"--threads {env.threads}"] if env.threads != w.threads else []
+        notes = [f"batch {env.batch}"] if env.batch != w.batch else []
+        notes += [env.dtype] if env.dtype != w.dtype else []
+        if env.runtime_version != w.runtime_version:
+            notes.append(f"{env.runtime} {env.runtime_version}, not the installed {w.runtime_version}")
+        if (env.cpu, env.cores) != (w.cpu, w.cores):
+            notes.append(f"measured on {env.cpu} with {env.cores} cores, and tables are per machine")
+        where = f"at --resolution {env.resolution} with --threads {env.threads}" + "".join(f", {n}" for n in notes)
+        texts = []
+        for key, cal in table["calibrations"].items():
+            what, theirs = "the same --space", None
+            try:
+                theirs = SearchSpace.from_dict(cal["space"])
+            except (KeyError, TypeError, ValueError):        # a table calibrated before spaces were stored
+                pass
+            diffs = _space_differences(theirs, self.space) if theirs else None
+            if diffs or (theirs is None and key != self.space.key()):
+                more = f", {len(diffs) - 3} more" if diffs and len(diffs) > 3 else ""
+                what = f"space {key}" + (f" ({', '.join(diffs[:3])}{more})" if diffs else "")
+            passed = (["its --space"] if what != "the same --space" else []) + flags
+            texts.append(f"{what} {where}" + (f" (pass {' and '.join(passed)})" if passed and not notes else ""))
+        if not table["calibrations"]:
+            n = table["entries"]
+            texts.append(f"{n} {'entry' if n == 1 else 'entries'} not yet calibrated (a build that stopped or "
+                         f"still runs) {where}")
+        return texts
 
 
 class Predictor:
@@ -405,10 +494,14 @@ class Predictor:
                  batch: int = 1) -> None:
         self.env = _environment_key(runtime, threads, batch, space)
         self.entries = table.get(self.env)
-        if not self.entries:
-            raise LatencyError(f"the table at {table.url} has no entries for {self.env}; "
-                               "run mnv3 lut build with the same runtime, threads and batch first")
-        self.calibration = table.calibration(self.env, space.key()) or {"a": 1.0, "b": 0.0}
+        calibration = table.calibration(self.env, space.key())
+        if calibration is None and not {p.key for p in space_parts(space, batch)} <= self.entries.keys():
+            # No table for this space here: say which tables there are and what differs (--space,
+            # --resolution, --threads, another machine), not just "build one".
+            raise MissingTable(table.url, runtime.environment(threads, batch, space.seed.resolution), space,
+                               table.tables())
+        # Every part is in the table but the build stopped before calibrating: the plain sum.
+        self.calibration = calibration or {"a": 1.0, "b": 0.0}
         self.batch = batch
 
     def sum_of_parts(self, spec: ArchSpec) -> float:

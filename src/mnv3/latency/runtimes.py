@@ -52,6 +52,24 @@ class Environment:
         return (f"{self.cpu}|{self.cores}c|{self.runtime}-{self.runtime_version}|t{self.threads}"
                 f"|b{self.batch}|r{self.resolution}|{self.dtype}")
 
+    @classmethod
+    def from_key(cls, key: str) -> Environment | None:
+        """The environment `key()` names, or None for a string that is not one."""
+        fields = key.rsplit("|", 6)
+        if len(fields) != 7:
+            return None
+        cpu, cores, runtime, threads, batch, resolution, dtype = fields
+        known = [n for n in RUNTIMES if runtime.startswith(n + "-")]      # "torch-fused-2.5.1"
+        name = max(known, key=len) if known else runtime.partition("-")[0]
+        version = runtime[len(name) + 1:]
+        try:
+            if not (cores.endswith("c") and threads[:1] == "t" and batch[:1] == "b" and resolution[:1] == "r"):
+                return None
+            return cls(cpu, int(cores[:-1]), name, version, int(threads[1:]), int(batch[1:]),
+                       int(resolution[1:]), dtype)
+        except ValueError:
+            return None
+
 
 def cpu_model() -> str:
     try:

@@ -169,6 +169,19 @@ class LatencyTable:
         with self.engine.begin() as conn:
             self._upsert(conn, t, rows, replace)
 
+    def tables(self) -> list[dict]:
+        """What the database holds, per environment key: {"env", "entries" (how many), "calibrations"
+        (space key -> calibration)}, sorted by environment."""
+        sa, t, c = self._sa, self.entries, self.calibrations
+        with self.engine.connect() as conn:
+            counts = dict(conn.execute(sa.select(t.c.env, sa.func.count()).group_by(t.c.env)).all())
+            fitted = conn.execute(sa.select(c.c.env, c.c.space, c.c.data)).all()
+        found = {env: {"env": env, "entries": n, "calibrations": {}} for env, n in counts.items()}
+        for env, space, data in fitted:
+            found.setdefault(env, {"env": env, "entries": 0, "calibrations": {}})["calibrations"][space] = \
+                json.loads(data)
+        return [found[env] for env in sorted(found)]
+
     def calibration(self, env: str, space: str) -> dict | None:
         sa, t = self._sa, self.calibrations
         with self.engine.connect() as conn:
