@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import sqlite3
 import statistics
@@ -70,16 +71,23 @@ def test_space_round_trip_and_errors():
 
 # -- tables and the predictor ---------------------------------------------------------------------
 
-def test_build_lookup_resume_and_predict(tmp_path):
+def test_build_lookup_resume_and_predict(tmp_path, capsys):
     space = tiny_space()
     runtime = get_runtime("onnxruntime")
     table = LatencyTable(f"sqlite:///{tmp_path / 'lut.sqlite'}")
     logs: list[str] = []
-    first = build_table(space, runtime, table, chunk=8, calibration_networks=3, progress=False, log=logs.append)
+    first = build_table(space, runtime, table, chunk=8, calibration_networks=3, progress=True, log=logs.append)
     parts = space_parts(space)
     n_entries = len(parts)
     # a fresh table says so (its reference part, measured first, does not make it look resumed)
     assert logs.pop().startswith(f"fresh table: {n_entries} entries to measure in 3 passes (space {space.key()}")
+    # The progress bar counts entries as measure_all reports them, a whole group at a time (here a
+    # chunk of 8): no ETA before the first group, and never one entry standing for a group's time.
+    frames = re.findall(r"lut build:[^\r\n]*?(\d+)/(\d+) \[[^<]*<([^,\]]*)", capsys.readouterr().err)
+    per_pass = n_entries - 1                            # the reference part is measured whole, apart
+    ends = {p * per_pass + min(c, per_pass) for p in range(3) for c in range(8, per_pass + 8, 8)}
+    assert frames[0][0] == "0" and frames[0][2] == "?" and int(frames[-1][0]) == 3 * per_pass
+    assert {int(n) for n, _, _ in frames[1:]} <= ends
     assert first["entries"] == len(parts) and first["measured"] == len(parts)
     stored = table.get(first["env"])
     assert set(stored) == {p.key for p in parts}
