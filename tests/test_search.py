@@ -3,14 +3,23 @@ and `mnv3 search` end to end (resume after SIGKILL, bad input)."""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
+import os
 import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import optuna
 import pytest
 
 import mnv3
+from mnv3.cli import main
 from mnv3.search.genome import GenomeError, GenomeSpace
 from mnv3.search.oracle import search_splits
 from mnv3.search.reward import Reward, RewardError
@@ -208,3 +217,125 @@ def test_search_splits_hold_out_training_images_and_never_the_test_split():
     assert again.train.labels == split.train.labels                      # fixed: the same every run
     assert math.isclose(sum(split.val.labels) / len(split.val), sum(full.train.labels) / len(full.train), rel_tol=0.1)
     assert json.dumps(sorted(set(split.val.labels))) == json.dumps(list(range(10)))
+
+
+# -- mnv3 search end to end ----------------------------------------------------------------------------
+
+QUICK = ["--proxy-epochs", "1", "--proxy-subset", "160", "--no-progress", "--final-k", "2", "--references"]
+
+
+@pytest.fixture(scope="module")
+def space_file(tmp_path_factory) -> Path:
+    space = tiny_space(kernels=(3, 5), expansion_ratios=(3.0,), se=(False, True), activations=("relu",),
+                       widths=(1.0,), depth_deltas=(-1, 0))
+    path = tmp_path_factory.mktemp("space") / "space.json"
+    path.write_text(json.dumps(space.to_dict()))
+    return path
+
+
+def finished_trials(db: Path) -> list[tuple[int, str]]:
+    with sqlite3.connect(db) as conn:
+        return conn.execute("select number, state from trials order by number").fetchall()
+
+
+def test_search_measure_end_to_end_then_train_the_winner(space_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["search", "--space", str(space_file), "--latency", "measure", "--trials", "4",
+                 "--target-of", "mobilenet_v3_small", "--target-width", "0.35", "--out", str(out), *QUICK, "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    doc = json.loads(captured.out)
+    assert doc["trials"] == 4 and doc["best"] == str(out / "best.json")
+    assert 0 <= doc["accuracy"] <= 1 and doc["predicted_ms"] > 0 and doc["measured_ms"] > 0
+    assert doc["reward"] == pytest.approx(Reward.make("soft", doc["target_ms"])(doc["accuracy"], doc["predicted_ms"]))
+    for name in ("best.json", "trials.csv", "pareto.png", "progress.png", "summary.json", "space.json"):
+        assert (out / name).is_file(), name
+    assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    with open(out / "trials.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and {"trial", "genome", "spec_key", "accuracy", "predicted_ms", "measured_ms", "reward",
+                                "params", "macs", "seconds"} <= set(rows[0])
+    genomes = GenomeSpace(SearchSpace.from_dict(json.loads(space_file.read_text())))
+    best = mnv3.ArchSpec.load(out / "best.json")
+    assert genomes.encode(best)                          # a network of the space, usable by every command
+    code = main(["info", str(out / "best.json"), "--json"])
+    assert code == 0 and json.loads(capsys.readouterr().out)["params"] > 0
+    # running the same command again finds the work done: nothing is trained again
+    code = main(["search", "--space", str(space_file), "--latency", "measure", "--trials", "4",
+                 "--target-of", "mobilenet_v3_small", "--target-width", "0.35", "--out", str(out), *QUICK])
+    err = capsys.readouterr().err
+    assert code == 0 and "4 of 4 trials finished" in err
+    assert len(finished_trials(out / "search.sqlite")) == 4
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--strategy", "evolution", "--reward", "pareto"], "use --strategy nsga2"),
+    (["--target-ms", "0.00001"], "below the fastest network of the space"),
+    (["--target-ms", "1", "--target-of", "mobilenet_v3_small"], "give one"),
+    (["--storage", "postgresql+psycopg://nobody@127.0.0.1:1/none", "--target-ms", "100"], "cannot connect"),
+    (["--latency", "predict", "--db", "sqlite:///{tmp}/empty.sqlite", "--target-ms", "100"], "mnv3 lut build"),
+    (["--w", "0.5"], "negative exponent"),
+    (["--trials", "0"], "at least 1"),
+])
+def test_search_bad_input_is_one_line(extra, message, space_file, tmp_path, capsys):
+    argv = ["search", "--space", str(space_file), "--latency", "measure", "--out", str(tmp_path / "run"),
+            *QUICK, *[a.format(tmp=tmp_path) for a in extra]]
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error:") and message in last and "Traceback" not in err
+
+
+def test_a_study_of_another_space_is_refused(space_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["--latency", "measure", "--trials", "1", "--target-ms", "100", "--out", str(out), *QUICK]
+    assert main(["search", "--space", str(space_file), *args]) == 0
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(tiny_space(kernels=(3,), expansion_ratios=(3.0,)).to_dict()))
+    before = finished_trials(out / "search.sqlite")
+    capsys.readouterr()
+    assert main(["search", "--space", str(other), *args]) == 2
+    err = capsys.readouterr().err
+    assert "was created for another search" in err and "space" in err
+    assert finished_trials(out / "search.sqlite") == before          # nothing finished is touched
+
+
+def test_search_resumes_after_sigkill(space_file, tmp_path):
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "mnv3", "search", "--space", str(space_file), "--latency", "measure",
+            "--trials", "4", "--target-ms", "100", "--strategy", "random", "--out", str(out), *QUICK]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    db = out / "search.sqlite"
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:       # kill it while trial 1 trains, after trial 0 finished
+            try:
+                states = finished_trials(db) if db.exists() else []
+            except sqlite3.OperationalError:  # the tables are being created
+                states = []
+            if any(s == "COMPLETE" for _, s in states) and any(s == "RUNNING" for _, s in states):
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the search never had a finished and a running trial")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    before = {n: s for n, s in finished_trials(db)}
+    done_before = [n for n, s in before.items() if s == "COMPLETE"]
+    assert done_before and "RUNNING" in before.values()
+    with sqlite3.connect(db) as conn:
+        first_value = conn.execute("select value from trial_values where trial_id = 1").fetchone()
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    after = finished_trials(db)
+    assert sum(s == "COMPLETE" for _, s in after) == 4
+    assert all(dict(after)[n] == "COMPLETE" for n in done_before)          # nothing finished is lost
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("select value from trial_values where trial_id = 1").fetchone() == first_value
+        killed = [n for n, s in before.items() if s == "RUNNING"]
+        assert all(dict(after)[n] == "FAIL" for n in killed)              # the killed trial, failed ...
+        retried = conn.execute("select value_json from trial_user_attributes where key = 'retry_of'").fetchall()
+    assert [json.loads(v) for (v,) in retried] == killed                    # ... and its genome run again

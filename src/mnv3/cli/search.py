@@ -135,6 +135,24 @@ def family_spec(family: str, width: float, space):
     return spec
 
 
+def target_network(args: argparse.Namespace, family: str | None, space):
+    """The network whose latency is T (--target-of, or the seed family at --target-width) and its label."""
+    from mnv3.arch import with_total_stride
+    from mnv3.presets import resolve_arch
+    from mnv3.search.run import SearchError
+
+    if args.target_of is None:
+        if family is None:
+            raise SearchError("give a latency target: --target-ms T or --target-of ARCH (the space's seed "
+                              "is not a preset, so there is no seed family to take it from)")
+        width = 0.75 if args.target_width is None else args.target_width
+        return family_spec(family, width, space), f"{family} x{width}"
+    ref = resolve_arch(args.target_of, args.target_width, space.seed.resolution)
+    if ref.total_stride() > space.seed.total_stride():
+        ref = with_total_stride(ref, space.seed.total_stride())
+    return ref, args.target_of + (f" x{args.target_width}" if args.target_width else "")
+
+
 def cheapest(genomes):
     """The fastest network of the space: fewest, narrowest, smallest-kernel blocks, no SE, ReLU."""
     order = {"off": 0, "on": 1, "relu": 0, "relu6": 1, "hswish": 2}
@@ -148,7 +166,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     from mnv3.search.oracle import ProxyOracle
     from mnv3.search.report import finish
     from mnv3.search.reward import Reward
-    from mnv3.search.run import Search, SearchError
+    from mnv3.search.run import Search, SearchError, open_storage, stored_target
+    from mnv3.search.strategies import check_strategy
     from mnv3.train.threads import apply_threads
 
     if args.trials < 1 or args.final_k < 1 or args.proxy_epochs < 1:
@@ -167,6 +186,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         check_writable(out, kind="dir", flag="--out")
     # the objective first: an impossible reward or strategy is found before any data or table work
     Reward.make(args.reward, args.target_ms or 1.0, args.w)
+    check_strategy(args.strategy, args.reward == "pareto")
     oracle = ProxyOracle.open(args.data, epochs=args.proxy_epochs, resolution=args.proxy_resolution,
                               subset=args.proxy_subset, recipe=args.recipe, seed=args.seed)
     resolution = oracle.resolution or 224
@@ -180,33 +200,19 @@ def cmd_search(args: argparse.Namespace) -> int:
           f"{len(genomes)} genes; proxy: {oracle.describe()}", file=sys.stderr, flush=True)
     latency = open_latency(args.latency, space, args.runtime, db=db, threads=args.runtime_threads,
                            build=args.build_table or args.space is None, progress=progress, space_file=space_file)
-    target_label = None
+    storage = open_storage(args.storage or f"sqlite:///{(out / 'search.sqlite').resolve()}")
     if args.target_ms is not None:
-        target = args.target_ms
+        target, target_label = args.target_ms, f"{args.target_ms:g} ms"
     else:
-        from mnv3.presets import resolve_arch
-
-        if args.target_of is None:
-            if family is None:
-                raise SearchError("give a latency target: --target-ms T or --target-of ARCH (the space's seed "
-                                  "is not a preset, so there is no seed family to take it from)")
-            width = 0.75 if args.target_width is None else args.target_width
-            ref, target_label = family_spec(family, width, space), f"{family} x{width}"
-        else:
-            ref = resolve_arch(args.target_of, args.target_width, space.seed.resolution)
-            if ref.total_stride() > space.seed.total_stride():
-                from mnv3.arch import with_total_stride
-
-                ref = with_total_stride(ref, space.seed.total_stride())
-            target_label = args.target_of + (f" x{args.target_width}" if args.target_width else "")
-        target = float(latency.ms(ref))
+        ref, target_label = target_network(args, family, space)
+        target = stored_target(storage, args.study) or float(latency.ms(ref))
     fastest = float(latency.ms(genomes.decode(cheapest(genomes))))
     if target < fastest:
         raise LatencyError(f"latency target {target:.3f} ms is below the fastest network of the space "
                            f"({fastest:.3f} ms on {args.runtime}); no network can meet it: raise the target or "
                            "search a smaller space")
     reward = Reward.make(args.reward, target, args.w)
-    print(f"target T = {target:.3f} ms" + (f" ({target_label})" if target_label else "")
+    print(f"target T = {target:.3f} ms ({target_label})"
           + f"; reward {reward.describe()}; fastest network of the space {fastest:.3f} ms", file=sys.stderr)
     options = {}
     if args.strategy == "evolution":
@@ -214,8 +220,9 @@ def cmd_search(args: argparse.Namespace) -> int:
         options = {"population": pop, "sample_size": max(2, pop // 4)}
     elif args.strategy == "nsga2" and args.population:
         options = {"population": args.population}
-    search = Search(space, oracle, latency, reward, strategy=args.strategy, out=out, storage=args.storage,
-                    study=args.study, seed=args.seed, strategy_options=options, progress=progress)
+    search = Search(space, oracle, latency, reward, strategy=args.strategy, out=out, storage=storage,
+                    study=args.study, seed=args.seed, strategy_options=options, progress=progress,
+                    target=target_label)
     print(f"run folder {out}; to continue after an interruption, run the same command with --out {out}",
           file=sys.stderr, flush=True)
     search.run(args.trials)

@@ -44,6 +44,15 @@ class SearchResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
+def stored_target(storage, study: str) -> float | None:
+    """T as the study's first run measured it: a resumed search keeps its target instead of
+    measuring the reference network again (and getting another figure)."""
+    try:
+        return optuna.load_study(study_name=study, storage=storage).user_attrs.get("target_ms")
+    except KeyError:
+        return None
+
+
 def open_storage(url: str, heartbeat: int | None = 10, grace: int | None = 30):
     """Optuna's RDB storage with heartbeats: a trial whose worker died (SIGKILL) is marked failed
     after `grace` seconds without a heartbeat, and put back in the queue once (its genome is
@@ -72,24 +81,27 @@ class Search:
     ones (counting every worker's), then writes the run folder's files."""
 
     def __init__(self, space: SearchSpace, oracle, latency, reward: Reward, *, strategy: str = "evolution",
-                 out: str | Path, storage: str | None = None, study: str = "search", seed: int = 0,
+                 out: str | Path, storage=None, study: str = "search", seed: int = 0,
                  strategy_options: dict[str, Any] | None = None, heartbeat: int | None = 10,
-                 grace: int | None = 30, progress: bool = True) -> None:
+                 grace: int | None = 30, progress: bool = True, target: str | None = None) -> None:
         self.space, self.oracle, self.latency, self.reward = space, oracle, latency, reward
+        self.target = target or f"{reward.target_ms:.6g} ms"     # what T was given as
         self.genomes = GenomeSpace(space)
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.storage_url = storage or f"sqlite:///{(self.out / 'search.sqlite').resolve()}"
+        if storage is None or isinstance(storage, str):
+            storage = open_storage(storage or f"sqlite:///{(self.out / 'search.sqlite').resolve()}", heartbeat, grace)
+        self.storage = storage
+        self.storage_url = str(storage.engine.url.render_as_string(hide_password=True))
         self.study_name, self.strategy, self.progress = study, strategy, progress
         self.sampler = make_sampler(strategy, self.genomes, seed=seed, pareto=reward.mode == "pareto",
                                     **(strategy_options or {}))
-        self.storage = open_storage(self.storage_url, heartbeat, grace)
         self.study = self._open_study()
 
     # -- the study ---------------------------------------------------------------------------------
     def identity(self) -> dict[str, Any]:
         return {"format": STUDY_FORMAT, "space": self.space.key(), "reward": self.reward.mode,
-                "target_ms": round(self.reward.target_ms, 6), "w": [self.reward.alpha, self.reward.beta],
+                "target": self.target, "w": [self.reward.alpha, self.reward.beta],
                 "oracle": self.oracle.describe(), "latency": self.latency.name,
                 "runtime": self.latency.describe().get("runtime")}
 
@@ -103,6 +115,7 @@ class Search:
         theirs = study.user_attrs.get("identity")
         if theirs is None:
             study.set_user_attr("identity", mine)
+            study.set_user_attr("target_ms", self.reward.target_ms)
             study.set_user_attr("space_json", self.space.to_dict())
         elif theirs != mine:
             diff = [f"{k}: study {theirs.get(k)!r} vs now {mine.get(k)!r}" for k in mine if theirs.get(k) != mine[k]]

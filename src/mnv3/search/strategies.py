@@ -221,10 +221,7 @@ class PPOSampler(GenomeSampler):
         return genome
 
 
-def make_sampler(strategy: str, genomes: GenomeSpace, *, seed: int | None = None, pareto: bool = False,
-                 **options: Any) -> BaseSampler:
-    """The Optuna sampler of `strategy` (options: evolution's population and sample_size, PPO's
-    PPO_DEFAULTS keys, nsga2's population)."""
+def check_strategy(strategy: str, pareto: bool) -> None:
     if strategy not in STRATEGIES:
         raise StrategyError(f"--strategy: expected one of {', '.join(STRATEGIES)}, got {strategy!r}")
     if pareto and strategy not in ("nsga2", "random"):
@@ -232,6 +229,13 @@ def make_sampler(strategy: str, genomes: GenomeSpace, *, seed: int | None = None
                             f"{strategy} maximises one reward")
     if strategy == "nsga2" and not pareto:
         raise StrategyError("--strategy nsga2 searches a Pareto front: use it with --reward pareto")
+
+
+def make_sampler(strategy: str, genomes: GenomeSpace, *, seed: int | None = None, pareto: bool = False,
+                 **options: Any) -> BaseSampler:
+    """The Optuna sampler of `strategy` (options: evolution's population and sample_size, PPO's
+    PPO_DEFAULTS keys, nsga2's population)."""
+    check_strategy(strategy, pareto)
     if strategy == "random":
         return RandomSampler(genomes, seed)
     if strategy == "evolution":
