@@ -66,6 +66,7 @@ MINIMAL = {
     "lut build": ["--runtime", "onnxruntime"],
     "lut validate": ["--runtime", "onnxruntime", "--n", "2"],
     "train": ["--data", "digits"],
+    "search": [],
     "eval": ["--weights", "m.safetensors", "--data", "folder"],
     "predict": ["--weights", "m.safetensors", "image.jpg"],
 }
@@ -138,6 +139,7 @@ MODEL_FILE_RUNS = {
     ("lut space", "--space"): ["lut", "space", "--space", "{model}"],
     ("lut build", "--space"): None,        # the same space_from_args as lut space
     ("lut validate", "--space"): None,
+    ("search", "--space"): None,           # a seed read by resolve_arch, as info's ARCH
 }
 
 
@@ -195,14 +197,16 @@ JSON_RUNS = {
     "lut space": [["lut", "space", "--space", "mobilenet_v3_small", "--resolution", "32"]],
     "lut build": [],
     "lut validate": [],
+    "search": [],
     "train": [["train", "--data", "digits", "--arch", "mobilenet_v3_small", "--width", "0.35", "--epochs", "1",
                "--batch-size", "64", "--no-progress", "--out", "{tmp}/run"]],
     "eval": [["eval", "--weights", "{model}", "--data", str(HYMENOPTERA / "val"), "--no-progress"]],
     "predict": [["predict", "--weights", "{model}", str(HYMENOPTERA / "val" / "ants")]],
 }
-# lut build and validate measure a table (a minute even for a tiny space): their --json is
-# parsed as one document in tests/test_lut.py (test_lut_build_kill_resume_and_validate_cli).
-COVERED_ELSEWHERE = {"lut build", "lut validate"}
+# lut build and validate measure a table (a minute even for a tiny space), search trains networks:
+# their --json is parsed as one document in tests/test_lut.py (test_lut_build_kill_resume_and_validate_cli)
+# and tests/test_search.py (test_search_measure_end_to_end_then_train_the_winner).
+COVERED_ELSEWHERE = {"lut build", "lut validate", "search"}
 
 
 def json_commands() -> set[str]:

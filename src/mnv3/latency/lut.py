@@ -336,6 +336,21 @@ def _measure_networks(specs: list[ArchSpec], runtime: Runtime, threads: int, bat
     return [float(np.median(r)) * reference_ms for r in ratios], reference_ms
 
 
+def measure_in_table_units(specs: list[ArchSpec], space: SearchSpace, runtime: Runtime, table: LatencyTable, *,
+                           threads: int = 1, batch: int = 1, runs: int = MIN_RUNS,
+                           progress: bool = False) -> list[float]:
+    """End-to-end latencies of any networks at the space's resolution (a search's best networks,
+    a reference such as MobileNetV3-Small 0.75) in the units of the space's table, so that they
+    compare with its predictions however the machine's speed has moved since the table was built:
+    timed round-robin against the space's reference network, as calibration and validation are."""
+    env = _environment_key(runtime, threads, batch, space)
+    entries = table.get(env)
+    calibration = table.calibration(env, space.key()) or {}
+    timed, _ = _measure_networks(specs, runtime, threads, batch, runs, progress, "measure", space, entries,
+                                 calibration.get("reference_ms"))
+    return timed
+
+
 # Calibration models, simplest first: measured = a * sum_of_parts [+ c * number_of_parts] [+ b].
 CALIBRATION_MODELS = {"a*sum": ("sum",), "a*sum+b": ("sum", "one"), "a*sum+c*parts+b": ("sum", "parts", "one")}
 

@@ -31,19 +31,7 @@ class PredictedLatency:
         from mnv3.latency.table import LatencyTable
 
         self.table = LatencyTable(self.db)
-        try:
-            self._predictor = Predictor(self.space, self.runtime, self.table, threads=self.threads)
-        except LatencyError as exc:
-            raise LatencyError(f"no latency table for this space on {self.runtime.name} in {self.table.url} "
-                               f"({exc}). Build it first: {self.build_command()}; or pass --build-table "
-                               "(or --latency measure)") from None
-        if self.table.calibration(self._predictor.env, self.space.key()) is None:
-            raise LatencyError(f"the table in {self.table.url} holds entries but no calibration for space "
-                               f"{self.space.key()}: {self.build_command()}")
-
-    def build_command(self) -> str:
-        return (f"mnv3 lut build --runtime {self.runtime.name} --space SPACE.json --db {self.db}"
-                f"{'' if self.threads == 1 else f' --threads {self.threads}'}")
+        self._predictor = Predictor(self.space, self.runtime, self.table, threads=self.threads)
 
     def covers(self, spec: ArchSpec) -> bool:
         from mnv3.latency.lut import network_parts
@@ -96,6 +84,8 @@ class MeasuredLatency:
 def open_latency(kind: str, space: SearchSpace, runtime: str, *, db: str, threads: int = 1,
                  build: bool = False, progress: bool = True, space_file: Path | None = None):
     """The search's latency source; `build` builds the table (and its calibration) when missing."""
+    from mnv3.latency.lut import MissingTable
+
     rt = get_runtime(runtime)
     if kind == "measure":
         return MeasuredLatency(rt, threads)
@@ -103,17 +93,15 @@ def open_latency(kind: str, space: SearchSpace, runtime: str, *, db: str, thread
         raise LatencyError(f"--latency: expected predict or measure, got {kind!r}")
     try:
         source = PredictedLatency(space, rt, db, threads)
-    except LatencyError:
+    except MissingTable as missing:
         if not build:
-            if space_file is not None:
-                raise LatencyError(f"no calibrated latency table for this space on {runtime} in {db}. Build "
-                                   f"it: mnv3 lut build --runtime {runtime} --space {space_file} --db {db}"
-                                   f"{'' if threads == 1 else f' --threads {threads}'}; or pass --build-table "
-                                   "(or --latency measure)") from None
-            raise
+            raise LatencyError(f"{missing.describe(str(space_file or 'SPACE.json'))}; or pass --build-table "
+                               "(or --latency measure)") from None
         from mnv3.latency.lut import build_table
         from mnv3.latency.table import LatencyTable
 
+        print(f"building the latency table for this space on {runtime} (once; later searches reuse it)",
+              flush=True)
         build_table(space, rt, LatencyTable(db), threads=threads, progress=progress,
                     log=lambda s: print(s, flush=True))
         source = PredictedLatency(space, rt, db, threads)
