@@ -93,7 +93,7 @@ def pareto_plot(search, refs, finals, path: Path) -> None:
         ax.plot([r["predicted_ms"] for r in refs], [r["accuracy"] for r in refs], "s--", color="black",
                 label="seed family (width-scaled)")
         for r in refs:
-            ax.annotate(r["label"], (r["predicted_ms"], r["accuracy"]), fontsize=7, xytext=(3, 3),
+            ax.annotate(r["label"].rsplit(" ", 1)[-1], (r["predicted_ms"], r["accuracy"]), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")
     ax.axvline(search.reward.target_ms, color="gray", lw=1, ls=":", label=f"target {search.reward.target_ms:.3g} ms")
     best = finals[0]
