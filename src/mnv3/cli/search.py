@@ -40,6 +40,8 @@ def register(sub) -> None:
                    help="training resolution of the proxy (default: the data's, 32 for digits and CIFAR)")
     g.add_argument("--proxy-subset", type=int, metavar="N",
                    help="train candidates on a fixed random subset of N training images")
+    g.add_argument("--proxy-held-out", type=float, default=0.2, metavar="F|N",
+                   help="training images held out to rank candidates: a fraction (default 0.2) or a count")
     g.add_argument("--recipe", default="cifar", help="recipe of the proxy training (default cifar)")
     g = p.add_argument_group("objective")
     g.add_argument("--reward", choices=REWARDS, default="soft",
@@ -188,7 +190,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     Reward.make(args.reward, args.target_ms or 1.0, args.w)
     check_strategy(args.strategy, args.reward == "pareto")
     oracle = ProxyOracle.open(args.data, epochs=args.proxy_epochs, resolution=args.proxy_resolution,
-                              subset=args.proxy_subset, recipe=args.recipe, seed=args.seed)
+                              subset=args.proxy_subset, recipe=args.recipe, seed=args.seed,
+                              held_out=args.proxy_held_out)
     resolution = oracle.resolution or 224
     space, family = resolve_space(args, resolution, oracle.data.total_stride)
     genomes = GenomeSpace(space)

@@ -41,7 +41,7 @@ def search_splits(data: ClassificationData, *, held_out: float = 0.2, subset: in
                   seed: int = 0) -> ClassificationData:
     """The search's own data: the training images split into a proxy training part (optionally a
     fixed random `subset` of it) and a held-out part (`held_out` of the images, at least one per
-    class) on which candidates are ranked. The data set's own validation/test split is left out."""
+    class; a number >= 1 is a count of images) on which candidates are ranked. The data set's own validation/test split is left out."""
     labels = np.asarray(data.train.labels)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(labels))
