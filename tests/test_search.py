@@ -339,3 +339,69 @@ def test_search_resumes_after_sigkill(space_file, tmp_path):
         assert all(dict(after)[n] == "FAIL" for n in killed)              # the killed trial, failed ...
         retried = conn.execute("select value_json from trial_user_attributes where key = 'retry_of'").fetchall()
     assert [json.loads(v) for (v,) in retried] == killed                    # ... and its genome run again
+
+
+def test_two_workers_share_a_postgresql_study(space_file, tmp_path, pg_url):
+    """Two `mnv3 search` processes on one study: one is killed mid-trial; the other finishes every
+    requested trial, the killed trial is marked failed by the heartbeat and its network run again,
+    and no network is trained twice by accident."""
+    import sqlalchemy as sa
+
+    def worker(name: str) -> subprocess.Popen:
+        argv = [sys.executable, "-m", "mnv3", "search", "--space", str(space_file), "--latency", "measure",
+                "--trials", "10", "--target-ms", "100", "--strategy", "random", "--seed", str(len(name)),
+                "--storage", pg_url, "--study", "shared", "--heartbeat", "1", "--out", str(tmp_path / name),
+                *QUICK]
+        return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    engine = sa.create_engine(pg_url)
+
+    def states() -> list[tuple[int, str]]:
+        try:
+            with engine.connect() as conn:
+                return conn.execute(sa.text("select number, state from trials order by number")).fetchall()
+        except sa.exc.ProgrammingError:       # the tables are not created yet
+            return []
+
+    a = worker("a")
+    b = worker("bb")
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:           # kill worker a while both train a trial
+            now = states()
+            if sum(s == "COMPLETE" for _, s in now) >= 1 and sum(s == "RUNNING" for _, s in now) >= 2:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the two workers never trained at the same time")
+        a.send_signal(signal.SIGKILL)
+        a.wait()
+        killed_running = [n for n, s in states() if s == "RUNNING"]
+        _, err = b.communicate(timeout=600)
+        assert b.returncode == 0, err[-3000:]
+    finally:
+        for proc in (a, b):
+            if proc.poll() is None:
+                proc.kill()
+    final = states()
+    assert sum(s == "COMPLETE" for _, s in final) >= 10
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text(
+            "select t.number, a.key, a.value_json from trials t join trial_user_attributes a "
+            "on a.trial_id = t.trial_id where t.state = 'COMPLETE'")).fetchall()
+    attrs: dict[int, dict] = {}
+    for number, key, value in rows:
+        attrs.setdefault(number, {})[key] = json.loads(value)
+    trained = [a["spec_key"] for a in attrs.values() if "duplicate_of" not in a]
+    assert len(trained) == len(set(trained))                # each network trained once
+    # a's trial (one of the two running at the kill; b finished its own): failed by the heartbeat, and
+    # its network queued again and finished by b
+    failed = [n for n in killed_running if dict(final)[n] == "FAIL"]
+    assert len(failed) == 1, final
+    with engine.connect() as conn:
+        params = dict(conn.execute(sa.text(
+            "select t.number, string_agg(p.param_name || '=' || p.param_value::text, ',' order by p.param_name) "
+            "from trials t join trial_params p on p.trial_id = t.trial_id group by t.number")).fetchall())
+    assert any(params[n] == params[failed[0]] and dict(final)[n] == "COMPLETE" for n in params if n != failed[0])
+    engine.dispose()

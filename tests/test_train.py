@@ -105,6 +105,17 @@ def test_builtin_recipes_hold_the_papers_values():
     assert fine.lr_at(fine.epochs * 10 - 1, 10) < 0.01 * fine.lr_at(0, 10)
 
 
+def test_warmup_is_at_most_a_tenth_of_the_run():
+    cifar = load_recipe("cifar")
+    assert cifar.warmup_epochs == 1 and cifar.warmup == 1          # 30 epochs: the recipe's warm-up
+    short = cifar.override({"epochs": "3"})
+    assert short.warmup == pytest.approx(0.3)
+    peak = short.scaled_lr()
+    rates = [short.lr_at(step, 45) for step in range(135)]
+    assert rates[0] < rates[6] < rates[13] <= peak                   # warm-up: 0.3 x 45 = 13.5 steps
+    assert rates[14] == pytest.approx(peak, rel=0.01) and rates[-1] < 0.01 * peak
+
+
 def test_recipe_overrides_and_files(tmp_path):
     r = load_recipe("finetune").override({"lr": "0.5", "dropout": "none", "channels-last": "true", "epochs": "2"})
     assert (r.lr, r.dropout, r.channels_last, r.epochs) == (0.5, None, True, 2)
@@ -236,7 +247,11 @@ def test_corrupt_images_are_skipped_counted_and_reported(ants_bees, tmp_path, ca
 def test_bad_arguments_give_clear_errors(ants_bees, tmp_path, capsys):
     out = tmp_path / "run"
     code, _, err = run(capsys, "train", "--data", ants_bees, "--out", out, "--resume", *TINY)
+    assert code == 2 and f"{out}: no such run folder to resume" in err
+    out.mkdir()
+    code, _, err = run(capsys, "train", "--out", out, "--resume", *TINY)
     assert code == 2 and "no checkpoint to resume from" in err
+    out.rmdir()
     code, _, err = run(capsys, "train", "--data", ants_bees, "--out", out, "--batch-size", "64",
                        *TINY[:-5], "--no-progress")
     assert code == 2 and "larger than the 12 training images" in err
@@ -260,7 +275,7 @@ def test_bad_arguments_give_clear_errors(ants_bees, tmp_path, capsys):
     assert code == 2 and "different network spec" in err
     other = subset(HYMENOPTERA, tmp_path / "other", 5)
     code, _, err = run(capsys, "train", "--data", other, "--out", out, "--resume", "--epochs", "1", *TINY)
-    assert code == 2 and "different data set" in err
+    assert code == 2 and "different data set" in err and str(ants_bees) in err and str(other) in err
     code, _, err = run(capsys, "train", "--out", out, "--resume", "--lr", "0.5", "--no-progress")
     assert code == 2 and "changed recipe" in err and "lr" in err
     torch.save({"model": {}}, tmp_path / "foreign.pt")
@@ -269,6 +284,42 @@ def test_bad_arguments_give_clear_errors(ants_bees, tmp_path, capsys):
     (tmp_path / "foreign.pt").rename(bad / "checkpoint.pt")
     code, _, err = run(capsys, "train", "--data", ants_bees, "--out", bad, "--resume", *TINY)
     assert code == 2 and "not an mnv3 training checkpoint" in err
+
+
+def test_resume_with_more_epochs_extends_the_run(ants_bees, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "train", "--data", ants_bees, "--out", out, "--epochs", "2", "--recipe", "finetune",
+                       *TINY)
+    assert code == 0, err
+    # a finished run continues for the added epochs, on the longer run's schedule
+    code, stdout, err = run(capsys, "train", "--out", out, "--resume", "--epochs", "4", "--no-progress", "--json")
+    assert code == 0, err
+    assert f"resuming {out} at epoch 3 of 4 (step 6)" in err
+    assert "extending the run from 2 to 4 epochs at step 6" in err
+    assert last_json(stdout)["epochs"] == 4
+    rows = metrics(out)
+    assert [(r["epoch"], r["epochs"], r["step"]) for r in rows] == [
+        ("1", "2", "3"), ("2", "2", "6"), ("3", "4", "9"), ("4", "4", "12")]
+    longer = load_recipe("finetune").override({"epochs": 4, "batch_size": 4, "resolution": 32})
+    assert float(rows[2]["lr"]) == pytest.approx(longer.lr_at(8, 3))
+    assert float(rows[1]["lr"]) == pytest.approx(longer.override({"epochs": 2}).lr_at(5, 3))
+    saved = json.loads((out / "recipe.json").read_text())
+    assert saved["epochs"] == 4
+    assert saved["extended"] == [{"at_epoch": 2, "at_step": 6, "from_epochs": 2, "to_epochs": 4}]
+    assert load_recipe(out / "recipe.json").epochs == 4          # the record is not a recipe key
+    assert mnv3.load(out / "model.safetensors").meta.training["epochs"] == 4
+    # extended twice: both records kept; a plain --resume of the finished run changes nothing
+    code, _, err = run(capsys, "train", "--out", out, "--resume", "--epochs", "5", "--no-progress")
+    assert code == 0, err
+    assert [r["epochs"] for r in metrics(out)] == ["2", "2", "4", "4", "5"]
+    assert [e["to_epochs"] for e in json.loads((out / "recipe.json").read_text())["extended"]] == [4, 5]
+    code, _, err = run(capsys, "train", "--out", out, "--resume", "--no-progress")
+    assert code == 0 and len(metrics(out)) == 5 and "extending" not in err and "at the end of its 5 epochs" in err
+    # other recipe changes, and fewer epochs, are still refused
+    code, _, err = run(capsys, "train", "--out", out, "--resume", "--epochs", "6", "--lr", "0.5", "--no-progress")
+    assert code == 2 and "changed recipe (lr: run" in err and "epochs" not in err.split("changed recipe")[1]
+    code, _, err = run(capsys, "train", "--out", out, "--resume", "--epochs", "3", "--no-progress")
+    assert code == 2 and "fewer epochs than the run plans (3 < 5)" in err
 
 
 def test_resume_after_sigkill_ends_with_the_same_metrics(ants_bees, tmp_path, capsys):
@@ -366,6 +417,15 @@ def test_recipe_defaults_follow_the_data(tmp_path, capsys, monkeypatch):
     assert model.spec.total_stride() == 8 and model.meta.preprocess.resolution == 32
     assert model.meta.preprocess.resize == 32        # crop_pct 1.0: small images are not cropped
 
+
+
+def test_three_epochs_of_digits_learn(tmp_path, capsys):
+    # A short run learns: the warm-up is at most a tenth of the run, and the cifar recipe's batch
+    # of 32 gives 45 steps per epoch of digits' 1442 training images.
+    code, stdout, err = run(capsys, "train", "--data", "digits", "--epochs", "3", "--out", tmp_path / "d",
+                            "--no-progress", "--json")
+    assert code == 0, err
+    assert last_json(stdout)["top1"] > 0.5                       # chance is 0.1
 
 
 def test_finetune_from_a_torchvision_state_dict(ants_bees, tmp_path, capsys):

@@ -86,6 +86,9 @@ def register(sub) -> None:
                    help="Optuna storage (default: sqlite in the run folder; a PostgreSQL URL for workers "
                         "on several machines)")
     g.add_argument("--study", default="search", help="study name in the storage (default search)")
+    g.add_argument("--heartbeat", type=int, default=10, metavar="S",
+                   help="seconds between a worker's heartbeats; a trial whose worker is silent for 3x "
+                        "this is marked failed and its network queued again (default 10)")
     add_threads(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_json(p, "best, accuracy, predicted_ms, measured_ms, reward, trials, out")
@@ -203,7 +206,10 @@ def cmd_search(args: argparse.Namespace) -> int:
           f"{len(genomes)} genes; proxy: {oracle.describe()}", file=sys.stderr, flush=True)
     latency = open_latency(args.latency, space, args.runtime, db=db, threads=args.runtime_threads,
                            build=args.build_table or args.space is None, progress=progress, space_file=space_file)
-    storage = open_storage(args.storage or f"sqlite:///{(out / 'search.sqlite').resolve()}")
+    if args.heartbeat < 1:
+        raise SearchError(f"--heartbeat: expected at least 1 second, got {args.heartbeat}")
+    storage = open_storage(args.storage or f"sqlite:///{(out / 'search.sqlite').resolve()}", args.heartbeat,
+                           3 * args.heartbeat)
     if args.target_ms is not None:
         target, target_label = args.target_ms, f"{args.target_ms:g} ms"
     else:

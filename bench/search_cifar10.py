@@ -1,0 +1,193 @@
+"""The figure the search exists for: on this CPU, with T = the latency of MobileNetV3-Small 0.75 on
+ONNX Runtime (1 thread, batch 1, 32x32 CIFAR input, total stride 8), search a space around
+MobileNetV3-Small on a CIFAR-10 proxy within a time budget; then train the best network found and
+the seed family at widths 0.5, 0.75 and 1.0 with the same recipe and several seeds, measure them all
+end to end in one round-robin run, and print test top-1 against measured latency. The goal: the
+found network sits above the width-scaled curve (more accurate than the preset interpolated at its
+latency) by more than the seeds' spread.
+
+Then the strategies side by side on the same budget of trials with a cheaper oracle (the same for
+all three): best reward after N trials for ppo, evolution and random.
+
+Every stage writes its results under bench/results/search_cifar10/ and is skipped when run again
+(the search continues its study), so a stopped run resumes.
+
+    python bench/search_cifar10.py [--search-minutes 60] [--seeds 2] [--final-epochs 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from common import RESULTS, SHARED, write_csv
+
+import mnv3
+from mnv3.arch import with_total_stride
+from mnv3.cli import main as mnv3_main
+from mnv3.data.datasets import open_data
+from mnv3.train.recipe import load_recipe
+
+DATA = SHARED / "data" / "cifar10"
+OUT = RESULTS / "search_cifar10"
+RUNTIME = "onnxruntime"
+
+
+def log(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+def family(width: float) -> mnv3.ArchSpec:
+    return with_total_stride(mnv3.preset("mobilenet_v3_small", width, 32), 8)
+
+
+def run_search(args) -> dict:
+    """`mnv3 search` itself, for as many trials as fit the budget (trials are added in rounds; the
+    study keeps them, so a rerun continues)."""
+    out = OUT / "search"
+    common = ["search", "--space", "mobilenet_v3_small", "--data", str(DATA), "--runtime", RUNTIME,
+              "--build-table", "--db", f"sqlite:///{OUT / 'lut.sqlite'}", "--target-of", "mobilenet_v3_small",
+              "--target-width", "0.75", "--proxy-subset", str(args.proxy_subset), "--proxy-epochs",
+              str(args.proxy_epochs), "--proxy-held-out", str(args.held_out), "--strategy", "evolution",
+              "--population", "12", "--out", str(out), "--no-progress", "--final-k", "3", "--references"]
+    start, trials = time.time(), 0
+    while True:
+        trials += 4
+        log(f"search: up to {trials} trials")
+        if mnv3_main([*common, "--trials", str(trials)]) != 0:
+            sys.exit("the search failed")
+        spent = time.time() - start
+        per_round = spent / max(1, trials // 4)
+        if spent + per_round > args.search_minutes * 60:
+            break
+    return json.loads((out / "summary.json").read_text())
+
+
+def train_final(spec: mnv3.ArchSpec, label: str, seed: int, args) -> dict:
+    """One final training (the same recipe for every network), top-1 on CIFAR-10's test split."""
+    from mnv3.train.classify import train
+
+    out = OUT / "final" / f"{label}-seed{seed}"
+    done = out / "result.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    recipe = load_recipe("cifar").override({"epochs": args.final_epochs, "seed": seed})
+    data = open_data(str(DATA))
+    log(f"final training: {label}, seed {seed}")
+    buf = io.StringIO()
+    with contextlib.redirect_stderr(buf):
+        result = train(data, out, arch=spec, recipe=recipe, resume=(out / "checkpoint.pt").exists(),
+                       progress=False, tensorboard=False, checkpoint_steps=200)
+    return result.as_dict()
+
+
+def measure_all(specs: dict[str, mnv3.ArchSpec]) -> dict[str, float]:
+    """Every network timed side by side, round-robin, in one run (ms, 1 thread)."""
+    from mnv3.latency import get_runtime
+    from mnv3.latency.protocol import measure_side_by_side
+
+    runtime = get_runtime(RUNTIME)
+    names = list(specs)
+    sessions = [runtime.session(specs[n], threads=1) for n in names]
+    timed = measure_side_by_side(sessions, runs=150)
+    return {n: t.median_ms for n, (t, _) in zip(names, timed)}
+
+
+def interpolate(x: float, points: list[tuple[float, float]]) -> float:
+    """The width-scaled curve's accuracy at latency x (linear between presets, extended at the ends)."""
+    pts = sorted(points)
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x <= x1 or (x1, y1) == pts[-1]:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return pts[-1][1]
+
+
+def strategies(args) -> list[dict]:
+    """ppo, evolution and random side by side: the same trials, the same cheap oracle."""
+    rows = []
+    for strategy in ("random", "evolution", "ppo"):
+        out = OUT / f"strategy-{strategy}"
+        cmd = ["search", "--space", "mobilenet_v3_small", "--data", str(DATA), "--runtime", RUNTIME,
+               "--db", f"sqlite:///{OUT / 'lut.sqlite'}", "--target-of", "mobilenet_v3_small", "--target-width",
+               "0.75", "--proxy-subset", "1000", "--proxy-epochs", "1", "--proxy-held-out", "1000",
+               "--strategy", strategy, "--trials", str(args.strategy_trials), "--out", str(out), "--no-progress",
+               "--final-k", "1", "--references", "--json"]
+        if strategy == "evolution":
+            cmd += ["--population", "10"]
+        log(f"strategy {strategy}: {args.strategy_trials} trials (cheap oracle: 1000 images, 1 epoch)")
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            if mnv3_main(cmd) != 0:
+                sys.exit(f"strategy {strategy} failed")
+        summary = json.loads((out / "summary.json").read_text())
+        import csv
+
+        with open(out / "trials.csv") as f:
+            rewards = [float(r["reward"]) for r in csv.DictReader(f)]
+        best = [max(rewards[:i + 1]) for i in range(len(rewards))]
+        rows.append({"strategy": strategy, "trials": len(rewards), "best_reward": summary["reward"],
+                     "best_after_half": best[len(best) // 2 - 1], "mean_last_10": statistics.mean(rewards[-10:])})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--search-minutes", type=float, default=60, help="budget of the search (default 60)")
+    parser.add_argument("--proxy-subset", type=int, default=4000, help="proxy training images (default 4000)")
+    parser.add_argument("--proxy-epochs", type=int, default=2)
+    parser.add_argument("--held-out", type=float, default=2000, help="training images candidates are ranked on")
+    parser.add_argument("--seeds", type=int, default=2, help="final trainings per network (default 2)")
+    parser.add_argument("--final-epochs", type=int, default=4, help="epochs of the final trainings (default 4)")
+    parser.add_argument("--strategy-trials", type=int, default=30)
+    parser.add_argument("--skip-strategies", action="store_true")
+    args = parser.parse_args()
+    from mnv3.latency.runtimes import cpu_model
+
+    log(f"CPU: {cpu_model()}; runtime {RUNTIME}, 1 thread; budget {args.search_minutes} min")
+    OUT.mkdir(parents=True, exist_ok=True)
+    summary = run_search(args)
+    found = mnv3.ArchSpec.load(summary["best"])
+    log(f"search: {summary['trials']} trials, best {summary['best']} (proxy accuracy {summary['accuracy']:.4f}, "
+        f"{summary['predicted_ms']:.3f} ms predicted, T = {summary['target_ms']:.3f} ms)")
+    nets = {"found": found, **{f"small x{w}": family(w) for w in (0.5, 0.75, 1.0)}}
+    results = {name: [train_final(spec, name.replace(" ", "_"), seed, args) for seed in range(args.seeds)]
+               for name, spec in nets.items()}
+    log("measuring every network side by side")
+    ms = measure_all(nets)
+    rows = []
+    for name, runs in results.items():
+        tops = [r["top1"] for r in runs]
+        rows.append({"network": name, "measured_ms": round(ms[name], 4), "top1_mean": round(statistics.mean(tops), 4),
+                     "top1_min": min(tops), "top1_max": max(tops), "seeds": len(tops),
+                     "params": mnv3.count(nets[name], 10).params, "macs": mnv3.count(nets[name], 10).macs})
+    curve = [(r["measured_ms"], r["top1_mean"]) for r in rows if r["network"] != "found"]
+    mine = rows[0]
+    expected = interpolate(mine["measured_ms"], curve)
+    spread = max(r["top1_max"] - r["top1_min"] for r in rows)
+    print(f"\n{'network':<14}{'measured ms':>12}{'test top-1':>11}{'min':>8}{'max':>8}{'params':>10}")
+    for r in rows:
+        print(f"{r['network']:<14}{r['measured_ms']:>12.3f}{r['top1_mean']:>11.4f}{r['top1_min']:>8.4f}"
+              f"{r['top1_max']:>8.4f}{r['params']:>10,}")
+    gain = mine["top1_mean"] - expected
+    verdict = "above" if gain > spread else "not above"
+    print(f"found network: {mine['top1_mean']:.4f} at {mine['measured_ms']:.3f} ms; the width-scaled curve gives "
+          f"{expected:.4f} there: {gain:+.4f} ({verdict} the curve by more than the seeds' spread {spread:.4f})")
+    write_csv("search_cifar10.csv", rows + [{"network": "curve at found", "measured_ms": mine["measured_ms"],
+                                              "top1_mean": round(expected, 4)}])
+    if not args.skip_strategies:
+        srows = strategies(args)
+        print(f"\n{'strategy':<11}{'trials':>7}{'best reward':>13}{'best at N/2':>13}{'mean of last 10':>17}")
+        for r in srows:
+            print(f"{r['strategy']:<11}{r['trials']:>7}{r['best_reward']:>13.4f}{r['best_after_half']:>13.4f}"
+                  f"{r['mean_last_10']:>17.4f}")
+        write_csv("search_strategies.csv", srows)
+
+
+if __name__ == "__main__":
+    main()
