@@ -41,11 +41,18 @@ def search_splits(data: ClassificationData, *, held_out: float = 0.2, subset: in
                   seed: int = 0) -> ClassificationData:
     """The search's own data: the training images split into a proxy training part (optionally a
     fixed random `subset` of it) and a held-out part (`held_out` of the images, at least one per
-    class; a number >= 1 is a count of images) on which candidates are ranked. The data set's own validation/test split is left out."""
+    class; a number >= 1 is a count of images) on which candidates are ranked. The data set's own
+    validation/test split is left out."""
     labels = np.asarray(data.train.labels)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(labels))
-    held = np.concatenate([order[labels[order] == c][:max(1, round(held_out * (labels == c).sum()))]
+    share = held_out if held_out < 1 else held_out / len(labels)      # a fraction, or a number of images
+    if not 0 < share < 1:
+        from mnv3.data import DataError
+
+        raise DataError(f"--proxy-held-out {held_out:g}: expected a fraction in (0, 1) or fewer images than "
+                        f"the {len(labels)} training images")
+    held = np.concatenate([order[labels[order] == c][:max(1, round(share * (labels == c).sum()))]
                            for c in range(len(data.classes)) if (labels == c).any()])
     rest = np.setdiff1d(order, held, assume_unique=True)
     rest = rest[np.argsort(rng.permutation(len(rest)))]    # a fixed random order of the rest
