@@ -217,6 +217,13 @@ def test_search_splits_hold_out_training_images_and_never_the_test_split():
     assert again.train.labels == split.train.labels                      # fixed: the same every run
     assert math.isclose(sum(split.val.labels) / len(split.val), sum(full.train.labels) / len(full.train), rel_tol=0.1)
     assert json.dumps(sorted(set(split.val.labels))) == json.dumps(list(range(10)))
+    counted = search_splits(full, held_out=100)               # a number of images, not a fraction
+    assert abs(len(counted.val) - 100) <= 10 and len(counted.train) == len(full.train) - len(counted.val)
+    from mnv3.data import DataError
+
+    for bad in (0, len(full.train)):
+        with pytest.raises(DataError, match="--proxy-held-out"):
+            search_splits(full, held_out=bad)
 
 
 # -- mnv3 search end to end ----------------------------------------------------------------------------
