@@ -11,7 +11,7 @@ from mnv3.cli.common import add_json, add_output, add_threads, emit_json
 
 # The quick default: a small space around MobileNetV3-Small at the data's resolution.
 DEFAULT_CHOICES = {"kernels": (3, 5), "expansion_ratios": (3.0, 6.0), "se": (False, True),
-                   "activations": ("relu", "hswish"), "widths": (0.75, 1.0), "depth_deltas": (-1, 0)}
+                   "activations": ("relu", "hswish"), "widths": (0.5, 0.75, 1.0), "depth_deltas": (-1, 0)}
 
 
 def register(sub) -> None:
