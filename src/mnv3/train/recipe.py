@@ -21,6 +21,9 @@ from mnv3.data.datasets import AUGMENTS
 OPTIMIZERS = ("sgd", "rmsprop", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
 AMP_MODES = ("none", "bf16", "fp16")
+# The warm-up lasts warmup_epochs, but at most this fraction of the run: a short run spends its few
+# steps learning rather than warming up (3 epochs of digits are 135 steps).
+WARMUP_MAX_FRACTION = 0.1
 
 
 class RecipeError(ValueError):
@@ -129,19 +132,24 @@ class Recipe:
     def scaled_lr(self, global_batch: int | None = None) -> float:
         return self.lr * (global_batch or self.batch_size) / self.lr_batch
 
+    @property
+    def warmup(self) -> float:
+        """The warm-up's length in epochs: warmup_epochs, at most WARMUP_MAX_FRACTION of the run."""
+        return min(self.warmup_epochs, WARMUP_MAX_FRACTION * self.epochs)
+
     def lr_at(self, step: int, steps_per_epoch: int) -> float:
         """The learning rate of optimizer step `step` (0-based): a pure function, so resuming
         needs no scheduler state."""
         peak = self.scaled_lr()
-        epoch = step / steps_per_epoch
-        if self.warmup_epochs and epoch < self.warmup_epochs:
-            return peak * (step + 1) / (self.warmup_epochs * steps_per_epoch)
+        epoch, warmup = step / steps_per_epoch, self.warmup
+        if warmup and epoch < warmup:
+            return peak * min(1.0, (step + 1) / (warmup * steps_per_epoch))
         if self.schedule == "constant":
             return peak
         if self.schedule == "step":
-            return peak * self.decay_rate ** math.floor((epoch - self.warmup_epochs) / self.decay_epochs)
-        total = max(1e-9, self.epochs - self.warmup_epochs)
-        t = min(1.0, (epoch - self.warmup_epochs) / total)
+            return peak * self.decay_rate ** math.floor((epoch - warmup) / self.decay_epochs)
+        total = max(1e-9, self.epochs - warmup)
+        t = min(1.0, (epoch - warmup) / total)
         floor = peak * self.min_lr
         return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * t))
 
@@ -158,7 +166,7 @@ HELP = {
     "rmsprop_eps": "RMSProp epsilon (added outside the square root, as torch does)",
     "weight_decay": "L2 weight decay on conv/linear weights",
     "schedule": "cosine, step (x DECAY_RATE every DECAY_EPOCHS) or constant",
-    "warmup_epochs": "linear warm-up length in epochs (may be fractional)",
+    "warmup_epochs": "linear warm-up length in epochs (may be fractional; at most a tenth of the run)",
     "decay_epochs": "step schedule: epochs between decays",
     "decay_rate": "step schedule: factor applied at each decay",
     "min_lr": "cosine schedule: final rate as a fraction of the peak",
