@@ -37,7 +37,7 @@ def register(sub) -> None:
     add_output(p, "--out", kind="dir", metavar="DIR", help="run folder (default runs/DATA-ARCH)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint (flags left out are taken "
-                        "from the run)")
+                        "from the run); a larger --epochs extends it")
     p.add_argument("--total-stride", type=int, choices=(4, 8, 16, 32),
                    help="downsample the input by this much (default: 8 for small images when training "
                         "from scratch, else the network's 32)")
@@ -90,6 +90,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     apply_threads(args.threads, workers=args.workers)
     if args.resume and not args.out:
         raise TrainError("--resume needs the --out folder of the run to continue")
+    if args.resume and not os.path.isdir(args.out):
+        raise TrainError(f"{args.out}: no such run folder to resume")
+    if args.resume and not os.path.isfile(os.path.join(args.out, "checkpoint.pt")):
+        raise TrainError(f"{os.path.join(args.out, 'checkpoint.pt')}: no checkpoint to resume from; "
+                         "start the run without --resume")
     earlier = run_inputs(args.out) if args.resume and args.out else {}
     data = args.data or earlier.get("data")
     if not data:

@@ -133,9 +133,10 @@ def unfold_batchnorm(model: torch.nn.Module, data: ClassificationData, pre: Prep
 
 
 def identity(model: MobileNet, data: ClassificationData) -> dict[str, Any]:
-    """What a resumed run must share with the run it continues."""
+    """What a resumed run must share with the run it continues ("data_ref", the --data it was
+    opened from, only names the data in messages; the data's identity is its fingerprint)."""
     return {"task": "classify", "spec": model.spec.to_json(indent=None), "num_classes": model.num_classes,
-            "classes": list(data.classes), "data": data.fingerprint()}
+            "classes": list(data.classes), "data": data.fingerprint(), "data_ref": data.ref or data.source}
 
 
 def train(data: str | ClassificationData, out: str | Path, *, arch: str | ArchSpec | None = None,
@@ -147,6 +148,8 @@ def train(data: str | ClassificationData, out: str | Path, *, arch: str | ArchSp
     model file). Under torchrun every process calls this; process 0 writes the files."""
     recipe = recipe or Recipe()
     out = Path(out)
+    if resume and not out.is_dir():
+        raise TrainError(f"{out}: no such run folder to resume")
     data_set = open_data(data) if not isinstance(data, ClassificationData) else data
     if workers < 0 or checkpoint_steps < 0:
         raise TrainError("--workers and --checkpoint-steps must be >= 0")

@@ -164,7 +164,8 @@ class Trainer:
         if r.compile:
             net = torch.compile(net)
         self.net = net
-        self.state = {"epoch": 0, "batch": 0, "step": 0, "history": [], "running": None, "skipped": 0}
+        self.state = {"epoch": 0, "batch": 0, "step": 0, "history": [], "running": None, "skipped": 0,
+                      "extended": []}
 
     # -- checkpoints -----------------------------------------------------------------------------
     def _checkpoint(self) -> dict[str, Any]:
@@ -183,7 +184,7 @@ class Trainer:
 
     def restore(self) -> None:
         ckpt = read_checkpoint(self.ckpt_path)
-        check_resume(ckpt, self.identity, self.recipe, self.ckpt_path)
+        extension = check_resume(ckpt, self.identity, self.recipe, self.ckpt_path)
         self.model.load_state_dict(ckpt["model"])
         if self.ema is not None:
             self.ema.module.load_state_dict(ckpt["ema"])
@@ -197,10 +198,30 @@ class Trainer:
             if mine.get("cuda") is not None and self.dist.device.type == "cuda":
                 torch.cuda.set_rng_state(mine["cuda"], self.dist.device)
         for key in self.state:
-            self.state[key] = ckpt[key]
+            self.state[key] = ckpt.get(key, self.state[key])     # "extended" is newer than the format
+        planned = ckpt["recipe"]["epochs"]
+        self.state["history"] = [{"epoch": row["epoch"], "epochs": row.get("epochs", planned), **row}
+                                 for row in self.state["history"]]
+        if extension is not None:
+            self.state["extended"] = [*self.state["extended"], extension]
+        if self.dist.main:
+            self._announce_resume(extension)
         if not self.dist.main and self.state["running"] is not None:   # process 0 carries the sums
             self.state["running"] = {**self.state["running"], "loss": 0.0, "n": 0, "skipped": 0,
                                      "stats": [0.0] * len(self.state["running"]["stats"] or []) or None}
+
+    def _announce_resume(self, extension: dict[str, int] | None) -> None:
+        s, r = self.state, self.recipe
+        where = f"epoch {s['epoch'] + 1} of {r.epochs}"
+        if s["batch"]:
+            where += f", batch {s['batch'] + 1} of {self.steps_per_epoch}"
+        if s["epoch"] >= r.epochs:
+            where = f"the end of its {r.epochs} epochs"
+        print(f"resuming {self.out} at {where} (step {s['step']})", file=sys.stderr)
+        if extension is not None:
+            print(f"extending the run from {extension['from_epochs']} to {extension['to_epochs']} epochs at step "
+                  f"{extension['at_step']}: from here the learning rate follows the {extension['to_epochs']}-epoch "
+                  f"schedule (recorded in recipe.json)", file=sys.stderr)
 
     def _rng_states(self) -> list[dict[str, Any]]:
         mine = {"cpu": torch.get_rng_state(),
@@ -301,7 +322,8 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             for stale in self.out.glob(".checkpoint.pt.*.tmp"):    # left by a kill mid-write
                 stale.unlink(missing_ok=True)
-            atomic_write_text(self.out / "recipe.json", _json(r.to_dict()))
+            record = {"extended": self.state["extended"]} if self.state["extended"] else {}
+            atomic_write_text(self.out / "recipe.json", _json({**r.to_dict(), **record}))
         while self.state["epoch"] < r.epochs:
             epoch, start = self.state["epoch"], self.state["batch"]
             running = self.state["running"] or {"loss": 0.0, "stats": None, "n": 0, "skipped": 0,
@@ -381,7 +403,7 @@ class Trainer:
         train = self.task.metrics([*(total["stats"] or [0.0]), total["n"]], "train")
         val = self.evaluate(self.ema.module if self.ema else self.model)
         seconds = running["seconds"]
-        row = {"epoch": epoch + 1, "step": self.state["step"],
+        row = {"epoch": epoch + 1, "epochs": self.recipe.epochs, "step": self.state["step"],
                "lr": self.optimizer.param_groups[0]["lr"], "train_loss": total["loss"] / n, **train, **val,
                "img_per_s": total["n"] / max(seconds, 1e-9), "epoch_s": seconds, "skipped": skipped}
         if skipped and self.dist.main:
@@ -435,7 +457,7 @@ class Trainer:
         writer = self._tensorboard()
         if writer is not None:
             for key, value in row.items():
-                if key not in ("epoch",) and isinstance(value, (int, float)):
+                if key not in ("epoch", "epochs") and isinstance(value, (int, float)):
                     writer.add_scalar(key.replace("_", "/", 1) if key.startswith(("train", "val")) else key,
                                       value, row["epoch"])
             writer.flush()
@@ -501,20 +523,49 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     return ckpt
 
 
-def check_resume(ckpt: dict[str, Any], identity: dict[str, Any], recipe: Recipe, path: Path) -> None:
-    """Resuming must continue the same run: same network, same data, same recipe."""
+def check_resume(ckpt: dict[str, Any], identity: dict[str, Any], recipe: Recipe,
+                 path: Path) -> dict[str, int] | None:
+    """Resuming must continue the same run: same network, same data, same recipe, except that
+    the epoch count may be raised. Returns the record of such an extension
+    ({at_epoch, at_step, from_epochs, to_epochs}: epochs completed and optimizer steps taken
+    when it was extended), or None."""
     theirs = ckpt["identity"]
     for key, what in (("spec", "network spec"), ("num_classes", "number of classes"),
                       ("classes", "classes"), ("data", "data set"), ("task", "task")):
         if theirs.get(key) != identity.get(key):
-            raise TrainError(f"{path}: cannot resume: the run was started with a different {what} "
-                             f"({_short(theirs.get(key))} vs now {_short(identity.get(key))}). "
+            if key == "data":
+                was, now = _data_ref(theirs, path), identity.get("data_ref") or "?"
+                shown = f"{was}, fingerprint {theirs.get(key)} vs now {now}, fingerprint {identity.get(key)}"
+            else:
+                shown = f"{_short(theirs.get(key))} vs now {_short(identity.get(key))}"
+            raise TrainError(f"{path}: cannot resume: the run was started with a different {what} ({shown}). "
                              "Resume with the run's own --arch/--data, or start a new run in another --out")
     saved = ckpt["recipe"]
-    diff = [f"{k}: run {saved.get(k)!r} vs now {v!r}" for k, v in recipe.to_dict().items() if saved.get(k) != v]
+    diff = [f"{k}: run {saved.get(k)!r} vs now {v!r}" for k, v in recipe.to_dict().items()
+            if k != "epochs" and saved.get(k) != v]
     if diff:
         raise TrainError(f"{path}: cannot resume with a changed recipe ({'; '.join(diff)}). "
                          "Drop those overrides to continue, or start a new run in another --out")
+    before = saved["epochs"]
+    if recipe.epochs < before:
+        raise TrainError(f"{path}: cannot resume with fewer epochs than the run plans ({recipe.epochs} < {before}): "
+                         f"the rates of the steps already taken belong to the {before}-epoch schedule. "
+                         f"Resume with --epochs {before} or more")
+    if recipe.epochs == before:
+        return None
+    return {"at_epoch": ckpt["epoch"], "at_step": ckpt["step"], "from_epochs": before, "to_epochs": recipe.epochs}
+
+
+def _data_ref(identity: dict[str, Any], path: Path) -> str:
+    """The --data a run was started with: in its checkpoint, or (older runs) in its run.json."""
+    if identity.get("data_ref"):
+        return str(identity["data_ref"])
+    try:
+        import json
+
+        return str(json.loads((path.parent / "run.json").read_text())["data"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "?"
 
 
 def _grad_scaler():

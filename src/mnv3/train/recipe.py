@@ -24,6 +24,9 @@ AMP_MODES = ("none", "bf16", "fp16")
 # The warm-up lasts warmup_epochs, but at most this fraction of the run: a short run spends its few
 # steps learning rather than warming up (3 epochs of digits are 135 steps).
 WARMUP_MAX_FRACTION = 0.1
+# Keys a run adds to its recipe.json that are a record of the run, not recipe values: reading the
+# file back (--resume, or --recipe runs/x/recipe.json) skips them.
+RUN_RECORD_KEYS = ("extended",)
 
 
 class RecipeError(ValueError):
@@ -107,6 +110,7 @@ class Recipe:
         if not isinstance(data, dict):
             raise RecipeError(f"{where}: expected a mapping of recipe keys to values")
         known = {f.name: f for f in fields(cls)}
+        data = {k: v for k, v in data.items() if k not in RUN_RECORD_KEYS}
         unknown = sorted(set(data) - set(known))
         if unknown:
             raise RecipeError(f"{where}: unknown key(s) {', '.join(unknown)}; "
@@ -138,8 +142,13 @@ class Recipe:
         return min(self.warmup_epochs, WARMUP_MAX_FRACTION * self.epochs)
 
     def lr_at(self, step: int, steps_per_epoch: int) -> float:
-        """The learning rate of optimizer step `step` (0-based): a pure function, so resuming
-        needs no scheduler state."""
+        """The learning rate of optimizer step `step` (0-based): a pure function of the step and
+        the recipe, so resuming needs no scheduler state.
+
+        A run extended on resume (more epochs) takes its later steps from the schedule of the
+        new total, as if it had been planned that long: the step schedule and a constant rate do
+        not change; a cosine's rate steps up at the resume point to the longer cosine's (a warm
+        restart, to about half the peak for a run extended to twice its length)."""
         peak = self.scaled_lr()
         epoch, warmup = step / steps_per_epoch, self.warmup
         if warmup and epoch < warmup:
@@ -155,7 +164,7 @@ class Recipe:
 
 
 HELP = {
-    "epochs": "epochs to train",
+    "epochs": "epochs to train (with --resume, a larger value extends the run)",
     "batch_size": "global batch (summed over data-parallel processes)",
     "optimizer": "sgd, rmsprop or adamw",
     "lr": "learning rate at batch LR_BATCH (scaled linearly to --batch-size)",
