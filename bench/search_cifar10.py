@@ -63,24 +63,18 @@ def space_file() -> Path:
 
 
 def run_search(args) -> dict:
-    """`mnv3 search` itself, for as many trials as fit the budget (trials are added in rounds; the
-    study keeps them, so a rerun continues)."""
+    """`mnv3 search` itself, as many trials as fit the budget (`--minutes`; the study keeps them, so
+    a rerun continues)."""
     out = OUT / "search"
-    common = ["search", "--space", str(space_file()), "--data", str(DATA), "--runtime", RUNTIME,
-              "--build-table", "--db", f"sqlite:///{OUT / 'lut.sqlite'}", "--target-of", "mobilenet_v3_small",
-              "--target-width", "0.75", "--proxy-subset", str(args.proxy_subset), "--proxy-epochs",
-              str(args.proxy_epochs), "--proxy-held-out", str(args.held_out), "--strategy", "evolution",
-              "--population", "12", "--out", str(out), "--no-progress", "--final-k", "3", "--references"]
-    start, trials = time.time(), 0
-    while True:
-        trials += 4
-        log(f"search: up to {trials} trials")
-        if mnv3_main([*common, "--trials", str(trials)]) != 0:
-            sys.exit("the search failed")
-        spent = time.time() - start
-        per_round = spent / max(1, trials // 4)
-        if spent + per_round > args.search_minutes * 60:
-            break
+    cmd = ["search", "--space", str(space_file()), "--data", str(DATA), "--runtime", RUNTIME,
+           "--build-table", "--db", f"sqlite:///{OUT / 'lut.sqlite'}", "--target-of", "mobilenet_v3_small",
+           "--target-width", "0.75", "--proxy-subset", str(args.proxy_subset), "--proxy-epochs",
+           str(args.proxy_epochs), "--proxy-held-out", str(args.held_out), "--strategy", "evolution",
+           "--population", "12", "--out", str(out), "--no-progress", "--final-k", "3", "--references",
+           "--trials", "10000", "--minutes", str(args.search_minutes)]
+    log(f"search: {args.search_minutes} minutes")
+    if not (out / "summary.json").is_file() and mnv3_main(cmd) != 0:
+        sys.exit("the search failed")
     return json.loads((out / "summary.json").read_text())
 
 

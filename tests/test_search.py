@@ -403,12 +403,13 @@ def test_two_workers_share_a_postgresql_study(space_file, tmp_path, pg_url):
     trained = [a["spec_key"] for a in attrs.values() if "duplicate_of" not in a]
     assert len(trained) == len(set(trained))                # each network trained once
     # a's trial (one of the two running at the kill; b finished its own): failed by the heartbeat, and
-    # its network queued again and finished by b
+    # its network queued again (and run by b, unless b had finished the requested trials by then)
     failed = [n for n in killed_running if dict(final)[n] == "FAIL"]
     assert len(failed) == 1, final
     with engine.connect() as conn:
         params = dict(conn.execute(sa.text(
             "select t.number, string_agg(p.param_name || '=' || p.param_value::text, ',' order by p.param_name) "
             "from trials t join trial_params p on p.trial_id = t.trial_id group by t.number")).fetchall())
-    assert any(params[n] == params[failed[0]] and dict(final)[n] == "COMPLETE" for n in params if n != failed[0])
+    assert any(params[n] == params[failed[0]] and dict(final)[n] in ("COMPLETE", "WAITING")
+               for n in params if n != failed[0])
     engine.dispose()

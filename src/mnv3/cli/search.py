@@ -60,6 +60,9 @@ def register(sub) -> None:
                         "nsga2 (with --reward pareto)")
     g.add_argument("--trials", type=int, default=8, metavar="N",
                    help="finished trials in all, counting earlier runs and other workers (default 8)")
+    g.add_argument("--minutes", type=float, metavar="M",
+                   help="time budget of this worker: no new trial starts after M minutes (the study keeps "
+                        "what finished; the same command again continues)")
     g.add_argument("--population", type=int, metavar="P",
                    help="evolution: population (default min(100, trials / 4), AmoebaNet used 100); "
                         "nsga2: population")
@@ -234,7 +237,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                     target=target_label)
     print(f"run folder {out}; to continue after an interruption, run the same command with --out {out}",
           file=sys.stderr, flush=True)
-    search.run(args.trials)
+    search.run(args.trials, args.minutes)
     widths = args.references if args.references is not None else ([0.5, 0.75, 1.0] if family else [])
     references = [(f"{family} x{w}", family_spec(family, w, space)) for w in widths] if family else []
     summary = finish(search, final_k=args.final_k, references=references, progress=progress)

@@ -134,7 +134,7 @@ class Search:
         spec = self.genomes.decode(genome)
         key = self.genomes.spec_key(spec)
         trial.set_user_attr("spec_key", key)
-        earlier = next((t for t in self.finished() if t.user_attrs.get("spec_key") == key), None)
+        earlier = self._same_network(key, trial.number)
         start = time.perf_counter()
         if earlier is not None:            # the same network again: its result, not a second training
             for name in ("accuracy", "predicted_ms", "params", "macs"):
@@ -157,13 +157,28 @@ class Search:
             return accuracy, latency
         return reward
 
+    def _same_network(self, key: str, number: int) -> FrozenTrial | None:
+        """A finished trial of the same network, to reuse. When another worker is training the same
+        network under a lower trial number, wait for it: a network is trained once, not once per
+        worker that happened to draw it (if that worker dies, its trial fails and this one trains)."""
+        while True:
+            trials = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+            same = [t for t in trials if t.user_attrs.get("spec_key") == key and t.number != number]
+            done = [t for t in same if t.state == TrialState.COMPLETE and "accuracy" in t.user_attrs]
+            if done:
+                return min(done, key=lambda t: t.number)
+            if not any(t.state == TrialState.RUNNING and t.number < number for t in same):
+                return None
+            time.sleep(1.0)
+
     def oracle_classes(self) -> int:
         data = getattr(self.oracle, "data", None)
         return len(data.classes) if data is not None else 1000
 
     # -- the run -----------------------------------------------------------------------------------
-    def run(self, trials: int) -> int:
-        """Add trials until `trials` have finished in the study; returns how many this worker ran."""
+    def run(self, trials: int, minutes: float | None = None) -> int:
+        """Add trials until `trials` have finished in the study, or `minutes` have passed (no new
+        trial starts after that); returns how many this worker ran."""
         from tqdm import tqdm
 
         if trials < 1:
@@ -187,13 +202,20 @@ class Search:
                 bar.set_postfix(best=f"{best.user_attrs['reward']:.4f}", acc=f"{best.user_attrs['accuracy']:.3f}",
                                 ms=f"{best.user_attrs['predicted_ms']:.2f}", refresh=False)
             bar.refresh()
-            if now >= trials:
+            if now >= trials or out_of_time():
                 study.stop()
 
-        while len(self.finished()) < trials:
+        started = time.monotonic()
+
+        def out_of_time() -> bool:
+            return minutes is not None and time.monotonic() - started > minutes * 60
+
+        while len(self.finished()) < trials and not out_of_time():
             self.study.optimize(self.objective, n_trials=trials - len(self.finished()), callbacks=[after],
                                 gc_after_trial=False, show_progress_bar=False)
         bar.close()
+        if getattr(self.storage, "heartbeat_interval", None):
+            optuna.storages.fail_stale_trials(self.study)     # a dead worker's trial: failed and queued again
         return ran
 
     def _fail_orphans(self) -> None:

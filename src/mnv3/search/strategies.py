@@ -60,10 +60,27 @@ class GenomeSampler(BaseSampler):
         self.rng.seed()
 
     def propose(self, study: optuna.Study, trial: FrozenTrial) -> tuple[Value, ...]:
-        return self.genomes.random(self.rng)
+        seen = self.seen(study)
+        return self.new_genome(lambda: self.genomes.random(self.rng), seen)
 
     def genome_of(self, trial: FrozenTrial) -> tuple[Value, ...]:
         return self.genomes.from_params(trial.params)
+
+    def seen(self, study: optuna.Study) -> set[tuple[Value, ...]]:
+        """Canonical genomes of every trial so far (finished, running or queued)."""
+        trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING,
+                                                          TrialState.WAITING))
+        return {self.genomes._canonical_fast(self.genome_of(t)) for t in trials
+                if len(t.params) == len(self.genomes.genes)}
+
+    def new_genome(self, draw, seen: set, tries: int = 100) -> tuple[Value, ...]:
+        """`draw()` until it gives a network not seen in the study (a repeat would only reuse a
+        result), or `tries` run out in a small, well-explored space."""
+        for _ in range(tries):
+            genome = draw()
+            if self.genomes._canonical_fast(genome) not in seen:
+                return genome
+        return genome
 
 
 class RandomSampler(GenomeSampler):
@@ -85,12 +102,19 @@ class EvolutionSampler(GenomeSampler):
         self.population, self.sample_size = population, sample_size
 
     def propose(self, study, trial) -> tuple[Value, ...]:
-        done = finished(study)
+        # Repeats of a network (trials that reused an earlier result) are not members: clones of
+        # the best would crowd the population out.
+        done = [t for t in finished(study) if "duplicate_of" not in t.user_attrs]
+        seen = self.seen(study)
         if len(done) < self.population:
-            return self.genomes.random(self.rng)
+            return self.new_genome(lambda: self.genomes.random(self.rng), seen)
         members = done[-self.population:]
-        parent = max((self.rng.choice(members) for _ in range(self.sample_size)), key=lambda t: t.values[0])
-        return self.mutate(self.genome_of(parent))
+
+        def child() -> tuple[Value, ...]:
+            parent = max((self.rng.choice(members) for _ in range(self.sample_size)), key=lambda t: t.values[0])
+            return self.mutate(self.genome_of(parent))
+
+        return self.new_genome(child, seen)
 
     def mutate(self, genome: Sequence[Value]) -> tuple[Value, ...]:
         """Change one choice; retried until the network changes (a choice of an unused slot, or one
