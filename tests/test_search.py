@@ -357,7 +357,7 @@ def test_two_workers_share_a_postgresql_study(space_file, tmp_path, pg_url):
     def worker(name: str) -> subprocess.Popen:
         argv = [sys.executable, "-m", "mnv3", "search", "--space", str(space_file), "--latency", "measure",
                 "--trials", "10", "--target-ms", "100", "--strategy", "random", "--seed", str(len(name)),
-                "--storage", pg_url, "--study", "shared", "--heartbeat", "1", "--out", str(tmp_path / name),
+                "--storage", pg_url, "--study", "shared", "--heartbeat", "2", "--out", str(tmp_path / name),
                 *QUICK]
         return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -381,7 +381,10 @@ def test_two_workers_share_a_postgresql_study(space_file, tmp_path, pg_url):
                 break
             time.sleep(0.2)
         else:
-            pytest.fail("the two workers never trained at the same time")
+            for proc in (a, b):
+                proc.kill()
+            pytest.fail("the two workers never trained at the same time: "
+                        + " | ".join(p.communicate()[1][-1500:] for p in (a, b)))
         a.send_signal(signal.SIGKILL)
         a.wait()
         killed_running = [n for n, s in states() if s == "RUNNING"]
