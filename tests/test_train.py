@@ -155,6 +155,38 @@ def test_bad_recipe_files(tmp_path):
         load_recipe(broken)
 
 
+# -- threads -------------------------------------------------------------------------------------------
+def test_threads_leave_out_busy_cores_processes_and_workers(monkeypatch, tmp_path, capsys):
+    from mnv3.train.threads import ThreadsError, available_cores, busy_cores, choose_threads
+
+    cores = available_cores()
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert choose_threads(3) == (3, "--threads")
+    with pytest.raises(ThreadsError, match="at least 1"):
+        choose_threads(0)
+    assert choose_threads(busy=0.0)[0] == cores
+    assert choose_threads(busy=0.1)[0] == cores                 # a little background is not a core
+    assert choose_threads(busy=float(cores))[0] == 1
+    assert choose_threads(busy=0.0, workers=1)[0] == max(1, cores - 1)
+    if cores > 1:
+        threads, why = choose_threads(busy=0.9)
+        assert threads == cores - 1 and "1 busy with other processes" in why
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")                 # torchrun's two local processes
+    assert choose_threads(busy=0.0)[0] == max(1, cores // 2)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    # a real competing process is seen
+    spinner = subprocess.Popen([sys.executable, "-S", "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        assert busy_cores() >= 0.7
+    finally:
+        spinner.kill()
+        spinner.wait()
+    code, _, err = run(capsys, "train", "--data", "digits", "--out", tmp_path / "t", "--threads", "0")
+    assert code == 2 and "--threads: expected at least 1, got 0" in err
+
+
 # -- data ----------------------------------------------------------------------------------------------
 def test_folder_errors_come_before_training(tmp_path, capsys):
     empty = tmp_path / "empty"
@@ -291,9 +323,13 @@ def test_resume_with_more_epochs_extends_the_run(ants_bees, tmp_path, capsys):
     code, _, err = run(capsys, "train", "--data", ants_bees, "--out", out, "--epochs", "2", "--recipe", "finetune",
                        *TINY)
     assert code == 0, err
-    # a finished run continues for the added epochs, on the longer run's schedule
-    code, stdout, err = run(capsys, "train", "--out", out, "--resume", "--epochs", "4", "--no-progress", "--json")
+    # a finished run continues for the added epochs, on the longer run's schedule (and says when it
+    # uses another thread count than the run did: results then differ in the last digits)
+    used = read_checkpoint(out / "checkpoint.pt")["threads"]
+    code, stdout, err = run(capsys, "train", "--out", out, "--resume", "--epochs", "4", "--no-progress", "--json",
+                            "--threads", used + 1)
     assert code == 0, err
+    assert f"the run so far used {used} thread(s) per process, now {used + 1}" in err
     assert f"resuming {out} at epoch 3 of 4 (step 6)" in err
     assert "extending the run from 2 to 4 epochs at step 6" in err
     assert last_json(stdout)["epochs"] == 4
@@ -309,7 +345,7 @@ def test_resume_with_more_epochs_extends_the_run(ants_bees, tmp_path, capsys):
     assert load_recipe(out / "recipe.json").epochs == 4          # the record is not a recipe key
     assert mnv3.load(out / "model.safetensors").meta.training["epochs"] == 4
     # extended twice: both records kept; a plain --resume of the finished run changes nothing
-    code, _, err = run(capsys, "train", "--out", out, "--resume", "--epochs", "5", "--no-progress")
+    code, _, err = run(capsys, "train", "--out", out, "--resume", "--epochs", "5", "--no-progress", "--threads", used)
     assert code == 0, err
     assert [r["epochs"] for r in metrics(out)] == ["2", "2", "4", "4", "5"]
     assert [e["to_epochs"] for e in json.loads((out / "recipe.json").read_text())["extended"]] == [4, 5]
@@ -323,8 +359,9 @@ def test_resume_with_more_epochs_extends_the_run(ants_bees, tmp_path, capsys):
 
 
 def test_resume_after_sigkill_ends_with_the_same_metrics(ants_bees, tmp_path, capsys):
+    # one thread throughout: the default follows the machine's load, and thread counts round sums differently
     args = ["train", "--data", ants_bees, "--epochs", "3", "--recipe", "finetune", "--ema-decay", "0.5",
-            "--checkpoint-steps", "1", *TINY]
+            "--checkpoint-steps", "1", "--threads", "1", *TINY]
     code, _, err = run(capsys, *args, "--out", tmp_path / "whole")
     assert code == 0, err
     out = tmp_path / "killed"
@@ -335,7 +372,7 @@ def test_resume_after_sigkill_ends_with_the_same_metrics(ants_bees, tmp_path, ca
     # (outputs come before the epoch's checkpoint), but the run did not finish.
     assert not (out / "model.safetensors").exists() and len(metrics(out)) in (1, 2)
     assert read_checkpoint(out / "checkpoint.pt")["epoch"] == 1
-    code, _, err = run(capsys, "train", "--out", out, "--resume", "--no-progress")
+    code, _, err = run(capsys, "train", "--out", out, "--resume", "--no-progress", "--threads", "1")
     assert code == 0, err
     whole, resumed = metrics(tmp_path / "whole"), metrics(out)
     assert len(resumed) == 3
@@ -426,6 +463,7 @@ def test_three_epochs_of_digits_learn(tmp_path, capsys):
                             "--no-progress", "--json")
     assert code == 0, err
     assert last_json(stdout)["top1"] > 0.5                       # chance is 0.1
+    assert err.count("threads: ") == 1 and " per process (" in err      # the choice, printed once
 
 
 def test_finetune_from_a_torchvision_state_dict(ants_bees, tmp_path, capsys):

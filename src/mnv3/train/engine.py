@@ -174,7 +174,8 @@ class Trainer:
                 "ema_updates": self.ema.updates if self.ema else 0,
                 "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler else None,
-                "rng": self._rng_states(), "world": self.dist.world, **self.state}
+                "rng": self._rng_states(), "world": self.dist.world, "threads": torch.get_num_threads(),
+                **self.state}
 
     def save_checkpoint(self) -> None:
         ckpt = self._checkpoint()      # on every process: the random states are gathered
@@ -206,6 +207,11 @@ class Trainer:
             self.state["extended"] = [*self.state["extended"], extension]
         if self.dist.main:
             self._announce_resume(extension)
+            if ckpt.get("threads", torch.get_num_threads()) != torch.get_num_threads():
+                print(f"note: the run so far used {ckpt['threads']} thread(s) per process, now "
+                      f"{torch.get_num_threads()}: sums are rounded differently, so the metrics will differ from "
+                      f"an uninterrupted run's in the last digits (--threads {ckpt['threads']} keeps them equal)",
+                      file=sys.stderr)
         if not self.dist.main and self.state["running"] is not None:   # process 0 carries the sums
             self.state["running"] = {**self.state["running"], "loss": 0.0, "n": 0, "skipped": 0,
                                      "stats": [0.0] * len(self.state["running"]["stats"] or []) or None}
