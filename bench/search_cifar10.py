@@ -20,10 +20,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import itertools
 import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 from common import RESULTS, SHARED, write_csv
 
@@ -130,7 +132,7 @@ def measure_all(specs: dict[str, mnv3.ArchSpec]) -> dict[str, float]:
 def interpolate(x: float, points: list[tuple[float, float]]) -> float:
     """The width-scaled curve's accuracy at latency x (linear between presets, extended at the ends)."""
     pts = sorted(points)
-    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+    for (x0, y0), (x1, y1) in itertools.pairwise(pts):
         if x <= x1 or (x1, y1) == pts[-1]:
             return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
     return pts[-1][1]
