@@ -142,15 +142,17 @@ def strategies(args) -> list[dict]:
     """ppo, evolution and random side by side: the same trials, the same cheap oracle."""
     rows = []
     for strategy in ("random", "evolution", "ppo"):
-        out = OUT / f"strategy-{strategy}"
+        out = OUT / f"strategy-{strategy}-{args.strategy_subset}x{args.strategy_epochs}"
         cmd = ["search", "--space", str(space_file()), "--data", str(DATA), "--runtime", RUNTIME,
                "--db", f"sqlite:///{OUT / 'lut.sqlite'}", "--target-of", "mobilenet_v3_small", "--target-width",
-               "0.75", "--proxy-subset", "1000", "--proxy-epochs", "1", "--proxy-held-out", "1000",
+               "0.75", "--proxy-subset", str(args.strategy_subset), "--proxy-epochs", str(args.strategy_epochs),
+               "--proxy-held-out", "1000",
                "--strategy", strategy, "--trials", str(args.strategy_trials), "--out", str(out), "--no-progress",
                "--final-k", "1", "--references", "--json"]
         if strategy == "evolution":
-            cmd += ["--population", "10"]
-        log(f"strategy {strategy}: {args.strategy_trials} trials (cheap oracle: 1000 images, 1 epoch)")
+            cmd += ["--population", str(max(4, args.strategy_trials // 3))]
+        log(f"strategy {strategy}: {args.strategy_trials} trials (cheap oracle: {args.strategy_subset} images, "
+            f"{args.strategy_epochs} epoch(s))")
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
             if mnv3_main(cmd) != 0:
@@ -162,6 +164,7 @@ def strategies(args) -> list[dict]:
             rewards = [float(r["reward"]) for r in csv.DictReader(f)]
         best = [max(rewards[:i + 1]) for i in range(len(rewards))]
         rows.append({"strategy": strategy, "trials": len(rewards), "best_reward": summary["reward"],
+                     "best_accuracy": summary["accuracy"],
                      "best_after_half": best[len(best) // 2 - 1], "mean_last_10": statistics.mean(rewards[-10:])})
     return rows
 
@@ -177,12 +180,18 @@ def main() -> None:
     parser.add_argument("--final-subset", type=int, default=10000,
                         help="training images of the final trainings (default 10000; 0: all 50,000)")
     parser.add_argument("--strategy-trials", type=int, default=30)
+    parser.add_argument("--strategy-subset", type=int, default=2000, help="images of the strategies' oracle")
+    parser.add_argument("--strategy-epochs", type=int, default=2, help="epochs of the strategies' oracle")
     parser.add_argument("--skip-strategies", action="store_true")
+    parser.add_argument("--only-strategies", action="store_true", help="just the strategies side by side")
     args = parser.parse_args()
     from mnv3.latency.runtimes import cpu_model
 
     log(f"CPU: {cpu_model()}; runtime {RUNTIME}, 1 thread; budget {args.search_minutes} min")
     OUT.mkdir(parents=True, exist_ok=True)
+    if args.only_strategies:
+        print_strategies(args)
+        return
     summary = run_search(args)
     found = mnv3.ArchSpec.load(summary["best"])
     log(f"search: {summary['trials']} trials, best {summary['best']} (proxy accuracy {summary['accuracy']:.4f}, "
@@ -213,12 +222,16 @@ def main() -> None:
     write_csv("search_cifar10.csv", rows + [{"network": "curve at found", "measured_ms": mine["measured_ms"],
                                               "top1_mean": round(expected, 4)}])
     if not args.skip_strategies:
-        srows = strategies(args)
-        print(f"\n{'strategy':<11}{'trials':>7}{'best reward':>13}{'best at N/2':>13}{'mean of last 10':>17}")
-        for r in srows:
-            print(f"{r['strategy']:<11}{r['trials']:>7}{r['best_reward']:>13.4f}{r['best_after_half']:>13.4f}"
-                  f"{r['mean_last_10']:>17.4f}")
-        write_csv("search_strategies.csv", srows)
+        print_strategies(args)
+
+
+def print_strategies(args) -> None:
+    srows = strategies(args)
+    print(f"\n{'strategy':<11}{'trials':>7}{'best reward':>13}{'best at N/2':>13}{'mean of last 10':>17}")
+    for r in srows:
+        print(f"{r['strategy']:<11}{r['trials']:>7}{r['best_reward']:>13.4f}{r['best_after_half']:>13.4f}"
+              f"{r['mean_last_10']:>17.4f}")
+    write_csv(f"search_strategies_{args.strategy_subset}x{args.strategy_epochs}.csv", srows)
 
 
 if __name__ == "__main__":
