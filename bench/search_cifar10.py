@@ -54,13 +54,11 @@ def space_file() -> Path:
     the seed's: with the default 0.75/1.0/1.25, the fastest network of the space (0.60 ms) was
     slower than the target itself (MobileNetV3-Small 0.75, 0.56-0.70 ms) on this CPU, since an
     expansion ratio of 3 at 32x32 costs more than the seed's first block (ratio 1)."""
-    from mnv3.files import atomic_write_text
     from mnv3.space import SearchSpace
 
     path = OUT / "space.json"
     if not path.is_file():
-        space = SearchSpace(family(1.0), widths=(0.5, 0.75, 1.0))
-        atomic_write_text(path, json.dumps(space.to_dict(), indent=1) + "\n")
+        SearchSpace(family(1.0), widths=(0.5, 0.75, 1.0)).save(path)
     return path
 
 

@@ -12,6 +12,7 @@ import hashlib
 import json
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 from mnv3.arch import ACTIVATIONS, ArchSpec, BlockSpec, SpecError, make_divisible
 
@@ -153,6 +154,12 @@ class SearchSpace:
         data = dict(data)
         seed = ArchSpec.from_dict(data.pop("seed"))
         return cls(seed=seed, **{k: tuple(v) for k, v in data.items()})
+
+    def save(self, path) -> Path:
+        """The space as JSON (what `--space` of every command reads back), written atomically."""
+        from mnv3.files import atomic_write_text
+
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
 
     def key(self) -> str:
         """A short stable name for this space (tables and calibrations are stored under it)."""

@@ -40,28 +40,40 @@ def spec_from_args(args: argparse.Namespace, arch: str | None = None) -> ArchSpe
     return spec
 
 
+def read_space_json(path: str | Path):
+    """The SearchSpace in `path` when it is a space JSON (`SearchSpace.to_dict()`: a "seed" spec and
+    the choice lists), else None (a seed: preset, spec JSON or model file)."""
+    from mnv3.space import SearchSpace
+
+    path = Path(path)
+    if path.suffix != ".json" or not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SpecError(f"{path}: not valid JSON ({exc})") from None
+    if not (isinstance(data, dict) and "seed" in data):
+        return None
+    try:
+        return SearchSpace.from_dict(data)
+    except TypeError as exc:
+        raise SpecError(f"{path}: not a search space ({exc})") from None
+
+
 def space_from_args(args: argparse.Namespace):
     """--space: a seed (preset, spec JSON or model file) with the default choices, or a whole
-    space JSON (`SearchSpace.to_dict()`: a "seed" spec and the choice lists)."""
+    space JSON, at --resolution when given."""
+    import dataclasses
+
     from mnv3.presets import resolve_arch
     from mnv3.space import SearchSpace
 
-    path = Path(args.space)
-    if path.suffix == ".json" and path.is_file():
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise SpecError(f"{path}: not valid JSON ({exc})") from None
-        if isinstance(data, dict) and "seed" in data:
-            try:
-                space = SearchSpace.from_dict(data)
-            except TypeError as exc:
-                raise SpecError(f"{path}: not a search space ({exc})") from None
-            if args.resolution and args.resolution != space.seed.resolution:
-                space = SearchSpace.from_dict({**data, "seed": space.seed.replace(
-                    resolution=args.resolution).to_dict()})
-            return space
-    return SearchSpace(resolve_arch(args.space, None, args.resolution))
+    space = read_space_json(args.space)
+    if space is None:
+        return SearchSpace(resolve_arch(args.space, None, args.resolution))
+    if args.resolution and args.resolution != space.seed.resolution:
+        space = dataclasses.replace(space, seed=space.seed.replace(resolution=args.resolution))
+    return space
 
 
 # -- outputs -----------------------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from mnv3.arch import SpecError
 from mnv3.cli.common import add_json, add_output, emit_json, space_from_args
@@ -61,7 +60,6 @@ _CHOICES = (("kernels", int, "kernel sizes"), ("expansion_ratios", float, "expan
 def cmd_lut_space(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from mnv3.files import atomic_write_text
     from mnv3.latency.lut import space_parts
 
     space = space_from_args(args)
@@ -89,7 +87,7 @@ def cmd_lut_space(args: argparse.Namespace) -> int:
     for i, st in enumerate(stages, 1):
         print(f"  {i:<7}{st['input']:>6}{st['stride']:>8}  {st['widths']!s:<18}{st['depths']}")
     if args.save:
-        atomic_write_text(args.save, json.dumps(space.to_dict(), indent=1) + "\n")
+        space.save(args.save)
         print(f"written {args.save} (pass it as --space to mnv3 lut build / validate)")
     if args.json:
         emit_json({"space": space.key(), "networks": space.size(), "entries": entries,

@@ -98,54 +98,47 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_search)
 
 
+def fit(spec, resolution: int, total_stride: int | None):
+    """`spec` at the proxy's resolution, downsampling by at most `total_stride` (as training does)."""
+    from mnv3.arch import with_total_stride
+
+    spec = spec.replace(resolution=resolution) if spec.resolution != resolution else spec
+    if total_stride and spec.total_stride() > total_stride:
+        spec = with_total_stride(spec, total_stride)
+    return spec
+
+
 def resolve_space(args: argparse.Namespace, resolution: int, total_stride: int | None):
     """The space: --space (a space JSON as it is; a seed at the proxy's resolution and total stride),
     or the small default around MobileNetV3-Small. Returns (space, family preset or None)."""
-    import json
-
-    from mnv3.arch import SpecError, with_total_stride
+    from mnv3.arch import SpecError
+    from mnv3.cli.common import read_space_json
     from mnv3.presets import PRESETS, resolve_arch
     from mnv3.space import SearchSpace
 
-    def fit(spec):
-        spec = spec.replace(resolution=resolution) if spec.resolution != resolution else spec
-        if total_stride and spec.total_stride() > total_stride:
-            spec = with_total_stride(spec, total_stride)
-        return spec
-
     if args.space is None:
-        return SearchSpace(fit(resolve_arch("mobilenet_v3_small")), **DEFAULT_CHOICES), "mobilenet_v3_small"
-    path = Path(args.space)
-    if path.suffix == ".json" and path.is_file():
-        try:
-            data = json.loads(path.read_text())
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise SpecError(f"--space {path}: not valid JSON ({exc})") from None
-        if isinstance(data, dict) and "seed" in data:
-            space = SearchSpace.from_dict(data)
-            if space.seed.resolution != resolution:
-                raise SpecError(f"--space {path}: its seed is at {space.seed.resolution}x{space.seed.resolution}, "
-                                f"the proxy trains at {resolution}; pass --proxy-resolution "
-                                f"{space.seed.resolution} or save the space at {resolution}")
-            return space, None
+        seed = fit(resolve_arch("mobilenet_v3_small"), resolution, total_stride)
+        return SearchSpace(seed, **DEFAULT_CHOICES), "mobilenet_v3_small"
+    space = read_space_json(args.space)
+    if space is not None:
+        if space.seed.resolution != resolution:
+            raise SpecError(f"--space {args.space}: its seed is at {space.seed.resolution}x{space.seed.resolution}, "
+                            f"the proxy trains at {resolution}; pass --proxy-resolution "
+                            f"{space.seed.resolution} or save the space at {resolution}")
+        return space, None
     family = args.space if args.space in PRESETS else None
-    return SearchSpace(fit(resolve_arch(args.space))), family
+    return SearchSpace(fit(resolve_arch(args.space), resolution, total_stride)), family
 
 
 def family_spec(family: str, width: float, space):
     """A preset of the seed family at the space's resolution and total stride."""
-    from mnv3.arch import with_total_stride
     from mnv3.presets import preset
 
-    spec = preset(family, width, space.seed.resolution)
-    if spec.total_stride() > space.seed.total_stride():
-        spec = with_total_stride(spec, space.seed.total_stride())
-    return spec
+    return fit(preset(family, width, space.seed.resolution), space.seed.resolution, space.seed.total_stride())
 
 
 def target_network(args: argparse.Namespace, family: str | None, space):
     """The network whose latency is T (--target-of, or the seed family at --target-width) and its label."""
-    from mnv3.arch import with_total_stride
     from mnv3.presets import resolve_arch
     from mnv3.search.run import SearchError
 
@@ -155,9 +148,8 @@ def target_network(args: argparse.Namespace, family: str | None, space):
                               "is not a preset, so there is no seed family to take it from)")
         width = 0.75 if args.target_width is None else args.target_width
         return family_spec(family, width, space), f"{family} x{width}"
-    ref = resolve_arch(args.target_of, args.target_width, space.seed.resolution)
-    if ref.total_stride() > space.seed.total_stride():
-        ref = with_total_stride(ref, space.seed.total_stride())
+    ref = fit(resolve_arch(args.target_of, args.target_width, space.seed.resolution), space.seed.resolution,
+              space.seed.total_stride())
     return ref, args.target_of + (f" x{args.target_width}" if args.target_width else "")
 
 
@@ -170,7 +162,7 @@ def cheapest(genomes):
 def cmd_search(args: argparse.Namespace) -> int:
     from mnv3.latency import LatencyError, check_threads
     from mnv3.search.genome import GenomeSpace
-    from mnv3.search.latency import open_latency, save_space
+    from mnv3.search.latency import open_latency
     from mnv3.search.oracle import ProxyOracle
     from mnv3.search.report import finish
     from mnv3.search.reward import Reward
@@ -202,7 +194,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     space, family = resolve_space(args, resolution, oracle.data.total_stride)
     genomes = GenomeSpace(space)
     out.mkdir(parents=True, exist_ok=True)
-    space_file = save_space(space, out / "space.json")
+    space_file = space.save(out / "space.json")
     db = args.db or "sqlite:///mnv3-lut.sqlite"
     progress = not args.no_progress
     print(f"space {space.key()}: {float(space.size()):.2e} networks around {space.seed.name}, "

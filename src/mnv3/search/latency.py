@@ -3,7 +3,6 @@ space and runtime (the default), or an end-to-end measurement of every candidate
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,9 +105,3 @@ def open_latency(kind: str, space: SearchSpace, runtime: str, *, db: str, thread
                     log=lambda s: print(s, flush=True))
         source = PredictedLatency(space, rt, db, threads)
     return source
-
-
-def save_space(space: SearchSpace, path: Path) -> Path:
-    from mnv3.files import atomic_write_text
-
-    return atomic_write_text(path, json.dumps(space.to_dict(), indent=1) + "\n")
