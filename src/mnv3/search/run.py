@@ -24,7 +24,7 @@ from mnv3.complexity import count
 from mnv3.files import atomic_write_csv
 from mnv3.search.genome import GenomeSpace
 from mnv3.search.reward import Reward
-from mnv3.search.strategies import PPOSampler, make_sampler
+from mnv3.search.strategies import make_sampler
 from mnv3.space import SearchSpace
 
 STUDY_FORMAT = "mnv3.search/1"
@@ -240,22 +240,17 @@ class Search:
         return done[:k]
 
     def rows(self) -> list[dict[str, Any]]:
-        rows = []
+        rows, measured = [], self.study.user_attrs      # read once: each read is a storage query
         for t in self.finished():
             a = t.user_attrs
             rows.append({"trial": t.number, "genome": json.dumps(self.genomes.from_params(t.params)),
                          "spec_key": a.get("spec_key"), "accuracy": a.get("accuracy"),
                          "predicted_ms": a.get("predicted_ms"),
-                         "measured_ms": self.study.user_attrs.get(f"measured:{t.number}"),
+                         "measured_ms": measured.get(f"measured:{t.number}"),
                          "reward": a.get("reward"), "params": a.get("params"), "macs": a.get("macs"),
                          "seconds": round(a.get("seconds", math.nan), 2),
                          "duplicate_of": a.get("duplicate_of", "")})
         return rows
-
-    def controller_state(self) -> dict[str, Any]:
-        if isinstance(self.sampler, PPOSampler):
-            return {"updates": self.sampler.updates, "baseline": self.sampler.baseline}
-        return {}
 
     def write_trials(self) -> Path:
         return atomic_write_csv(self.out / "trials.csv", self.rows())

@@ -10,7 +10,6 @@ log-probability of a genome under the policy that proposed it) is a trial attrib
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Sequence
 from typing import Any
@@ -268,10 +267,3 @@ def make_sampler(strategy: str, genomes: GenomeSpace, *, seed: int | None = None
         return PPOSampler(genomes, seed, **options)
     population = int(options.pop("population", 20))
     return optuna.samplers.NSGAIISampler(population_size=max(2, population), seed=seed, **options)
-
-
-def entropy_of(sampler: PPOSampler) -> float:
-    """The controller's mean per-choice entropy in nats (falls as the policy settles)."""
-    with torch.no_grad():
-        _actions, _, entropy = sampler.controller(generator=torch.Generator().manual_seed(0))
-    return float(entropy[0]) / max(1, len(sampler.genomes.genes)) if math.isfinite(float(entropy[0])) else 0.0
