@@ -63,17 +63,23 @@ def open_storage(url: str, heartbeat: int | None = 10, grace: int | None = 30):
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     warnings.filterwarnings("ignore", category=ExperimentalWarning)    # heartbeats: experimental since 2.x
-    try:
-        return RDBStorage(url, heartbeat_interval=heartbeat, grace_period=grace,
-                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
-                          engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
-    except Exception as exc:  # noqa: BLE001 - SQLAlchemy and drivers raise many kinds for a bad URL
-        first = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:300]
-        if url.startswith("sqlite"):
-            raise SearchError(f"--storage {url}: cannot open or create the SQLite file ({first}); "
-                              "choose another --storage or --out") from None
-        raise SearchError(f"--storage {url}: cannot connect ({first}); check the URL and that the server "
-                          "runs and accepts this user") from None
+    # Workers started together on a new PostgreSQL database race to create Optuna's tables (one
+    # fails with a duplicate pg_type key); the next attempt finds them made.
+    for attempt in range(3):
+        try:
+            return RDBStorage(url, heartbeat_interval=heartbeat, grace_period=grace,
+                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
+                              engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
+        except Exception as exc:  # noqa: BLE001 - SQLAlchemy and drivers raise many kinds for a bad URL
+            first = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:300]
+            if url.startswith("sqlite"):
+                raise SearchError(f"--storage {url}: cannot open or create the SQLite file ({first}); "
+                                  "choose another --storage or --out") from None
+            if attempt < 2 and "duplicate key" in first:
+                time.sleep(1.0)
+                continue
+            raise SearchError(f"--storage {url}: cannot connect ({first}); check the URL and that the server "
+                              "runs and accepts this user") from None
 
 
 class Search:
