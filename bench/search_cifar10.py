@@ -71,7 +71,7 @@ def run_search(args) -> dict:
            "--target-width", "0.75", "--proxy-subset", str(args.proxy_subset), "--proxy-epochs",
            str(args.proxy_epochs), "--proxy-held-out", str(args.held_out), "--strategy", "evolution",
            "--population", "12", "--out", str(out), "--no-progress", "--final-k", "3", "--references",
-           "--trials", "10000", "--minutes", str(args.search_minutes)]
+           "--trials", "10000", "--minutes", str(args.search_minutes), "--threads", str(args.threads)]
     log(f"search: {args.search_minutes} minutes")
     if not (out / "summary.json").is_file() and mnv3_main(cmd) != 0:
         sys.exit("the search failed")
@@ -146,7 +146,7 @@ def strategies(args) -> list[dict]:
                "0.75", "--proxy-subset", str(args.strategy_subset), "--proxy-epochs", str(args.strategy_epochs),
                "--proxy-held-out", "1000",
                "--strategy", strategy, "--trials", str(args.strategy_trials), "--out", str(out), "--no-progress",
-               "--final-k", "1", "--references", "--json"]
+               "--final-k", "1", "--references", "--json", "--threads", str(args.threads)]
         if strategy == "evolution":
             cmd += ["--population", str(max(4, args.strategy_trials // 3))]
         log(f"strategy {strategy}: {args.strategy_trials} trials (cheap oracle: {args.strategy_subset} images, "
@@ -180,12 +180,18 @@ def main() -> None:
     parser.add_argument("--strategy-trials", type=int, default=30)
     parser.add_argument("--strategy-subset", type=int, default=2000, help="images of the strategies' oracle")
     parser.add_argument("--strategy-epochs", type=int, default=2, help="epochs of the strategies' oracle")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="intra-op threads of the proxy and final trainings (default 2; 1 leaves a core free)")
     parser.add_argument("--skip-strategies", action="store_true")
     parser.add_argument("--only-strategies", action="store_true", help="just the strategies side by side")
     args = parser.parse_args()
+    import torch
+
     from mnv3.latency.runtimes import cpu_model
 
-    log(f"CPU: {cpu_model()}; runtime {RUNTIME}, 1 thread; budget {args.search_minutes} min")
+    torch.set_num_threads(args.threads)
+    log(f"CPU: {cpu_model()}; runtime {RUNTIME}, 1 thread; budget {args.search_minutes} min; "
+        f"training on {args.threads} thread(s)")
     OUT.mkdir(parents=True, exist_ok=True)
     if args.only_strategies:
         print_strategies(args)

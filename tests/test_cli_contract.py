@@ -67,6 +67,7 @@ MINIMAL = {
     "lut validate": ["--runtime", "onnxruntime", "--n", "2"],
     "train": ["--data", "digits"],
     "search": [],
+    "adapt": ["--weights", "m.safetensors", "--data", "digits", "--target-ratio", "0.8"],
     "eval": ["--weights", "m.safetensors", "--data", "folder"],
     "predict": ["--weights", "m.safetensors", "image.jpg"],
 }
@@ -198,15 +199,17 @@ JSON_RUNS = {
     "lut build": [],
     "lut validate": [],
     "search": [],
+    "adapt": [],
     "train": [["train", "--data", "digits", "--arch", "mobilenet_v3_small", "--width", "0.35", "--epochs", "1",
                "--batch-size", "64", "--no-progress", "--out", "{tmp}/run"]],
     "eval": [["eval", "--weights", "{model}", "--data", str(HYMENOPTERA / "val"), "--no-progress"]],
     "predict": [["predict", "--weights", "{model}", str(HYMENOPTERA / "val" / "ants")]],
 }
 # lut build and validate measure a table (a minute even for a tiny space), search trains networks:
-# their --json is parsed as one document in tests/test_lut.py (test_lut_build_kill_resume_and_validate_cli)
-# and tests/test_search.py (test_search_measure_end_to_end_then_train_the_winner).
-COVERED_ELSEWHERE = {"lut build", "lut validate", "search"}
+# their --json is parsed as one document in tests/test_lut.py (test_lut_build_kill_resume_and_validate_cli),
+# tests/test_search.py (test_search_measure_end_to_end_then_train_the_winner) and tests/test_adapt.py
+# (test_adapt_end_to_end_cli).
+COVERED_ELSEWHERE = {"lut build", "lut validate", "search", "adapt"}
 
 
 def json_commands() -> set[str]:

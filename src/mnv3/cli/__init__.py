@@ -7,12 +7,13 @@ import argparse
 import contextlib
 import sys
 
-from mnv3.cli import bench, convert, info, lut, predict, search, train
+from mnv3.cli import adapt, bench, convert, info, lut, predict, search, train
 from mnv3.cli.common import _JSON_OUT, EXIT_USAGE, check_outputs
 
 # In the order of the workflow: look at a network, bring weights in, measure it on your device,
-# build the latency tables the search reads, search, train the winner, then use the model.
-COMMANDS = (info, convert, bench, lut, search, train, predict)
+# build the latency tables the search reads, search, train the winner, shrink it with NetAdapt, then
+# use the model.
+COMMANDS = (info, convert, bench, lut, search, train, adapt, predict)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def errors() -> tuple[type[BaseException], ...]:
     """The exception types that are the user's problem: printed as one line, exit code 2."""
+    from mnv3.adapt import PruneError
     from mnv3.arch import SpecError
     from mnv3.data import DataError
     from mnv3.files import OutputError
@@ -41,7 +43,7 @@ def errors() -> tuple[type[BaseException], ...]:
     from mnv3.weights import WeightsError
 
     return (SpecError, WeightsError, DataError, LatencyError, TrainError, RecipeError, OutputError,
-            ThreadsError, SearchError, RewardError, StrategyError)
+            ThreadsError, SearchError, RewardError, StrategyError, PruneError)
 
 
 def main(argv: list[str] | None = None) -> int:
