@@ -255,3 +255,57 @@ def test_adapt_bad_input_is_one_clear_error(case, seed_model, tmp_path, capsys):
     assert code == 2, err
     last = err.strip().splitlines()[-1]
     assert last.startswith("error:") and expect in last and "Traceback" not in err, last
+
+
+def test_two_workers_share_a_step_on_postgresql(seed_model, tmp_path, pg_url):
+    """Two `mnv3 adapt` processes on one PostgreSQL history: one is killed mid-fine-tune; the other
+    takes over its proposal and finishes the run; every proposal is fine-tuned and recorded once."""
+    import sqlalchemy as sa
+
+    def worker() -> subprocess.Popen:
+        argv = [sys.executable, "-m", "mnv3", *adapt_argv(seed_model, tmp_path / "run", tmp_path / "lut.sqlite",
+                                                          "--storage", pg_url, "--heartbeat", "1")]
+        return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    engine = sa.create_engine(pg_url)
+
+    def rows() -> list[tuple[str, str, str]]:
+        try:
+            with engine.connect() as conn:
+                return conn.execute(sa.text("select layer, state, worker from adapt_proposals "
+                                            "where step = 1")).fetchall()
+        except sa.exc.ProgrammingError:        # the tables are not created yet
+            return []
+
+    a, b = worker(), worker()
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:           # kill worker a while both fine-tune
+            now = rows()
+            if len({w for _, s, w in now if s == "running"}) == 2 and any(s == "done" for _, s, _ in now):
+                break
+            time.sleep(0.2)
+        else:
+            for proc in (a, b):
+                proc.kill()
+            pytest.fail("the two workers never fine-tuned at the same time: "
+                        + " | ".join(p.communicate()[1][-1500:] for p in (a, b)))
+        a_name = f"{os.uname().nodename}:{a.pid}"
+        a.send_signal(signal.SIGKILL)
+        a.wait()
+        taken = [lay for lay, s, w in rows() if s == "running" and w == a_name]
+        _, err = b.communicate(timeout=600)
+        assert b.returncode == 0, err[-3000:]
+    finally:
+        for proc in (a, b):
+            if proc.poll() is None:
+                proc.kill()
+    final = {lay: (s, w) for lay, s, w in rows()}
+    assert all(s == "done" for s, _ in final.values())
+    assert len(taken) == 1 and final[taken[0]][1] != a_name      # a's proposal, finished by b
+    with engine.connect() as conn:
+        steps = conn.execute(sa.text("select step from adapt_steps order by step")).fetchall()
+    assert [s for (s,) in steps] == list(range(len(steps))) and len(steps) >= 2
+    folders = list((tmp_path / "run" / "steps" / "001").iterdir())
+    assert sorted(f.name for f in folders) == sorted(final)        # one folder per proposal

@@ -57,8 +57,10 @@ class AdaptStore:
             sa.Column("seconds", sa.Float),
             sa.Column("model", sa.Text))
         try:
+            from mnv3.latency.table import create_tables
+
             self.engine = sa.create_engine(url)
-            meta.create_all(self.engine)
+            create_tables(meta, self.engine)
         except (exc.ArgumentError, exc.NoSuchModuleError) as e:
             raise StoreError(f"--storage {url}: not a database URL ({e}); use sqlite:///FILE or "
                              "postgresql+psycopg://USER@HOST/DB") from None

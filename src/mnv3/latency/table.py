@@ -92,19 +92,7 @@ class LatencyTable:
                            f"({reason}); choose another --db") from None
 
     def _create_tables(self, meta) -> None:
-        """Create the tables unless they exist. Two machines starting on a new database at once both
-        find none; the one that loses the race sees the other's tables on its next try."""
-        from sqlalchemy import exc
-
-        for attempt in range(3):
-            try:
-                meta.create_all(self.engine)
-                return
-            except (exc.IntegrityError, exc.ProgrammingError, exc.OperationalError) as e:
-                state = getattr(e.orig, "sqlstate", None)     # psycopg: unique or duplicate-table
-                raced = state in ("23505", "42P07") or "already exists" in str(e.orig)
-                if attempt == 2 or not raced:
-                    raise
+        create_tables(meta, self.engine)
 
     @staticmethod
     def _check_length(column, value: str) -> None:
@@ -194,3 +182,19 @@ class LatencyTable:
         self._check_length(t.c.space, space)
         with self.engine.begin() as conn:
             self._upsert(conn, t, [{"env": env, "space": space, "data": json.dumps(data)}])
+
+
+def create_tables(meta, engine) -> None:
+    """Create the tables unless they exist. Two processes starting on a new database at once both
+    find none; the one that loses the race sees the other's tables on its next try."""
+    from sqlalchemy import exc
+
+    for attempt in range(3):
+        try:
+            meta.create_all(engine)
+            return
+        except (exc.IntegrityError, exc.ProgrammingError, exc.OperationalError) as e:
+            state = getattr(e.orig, "sqlstate", None)     # psycopg: unique or duplicate-table
+            raced = state in ("23505", "42P07") or "already exists" in str(e.orig)
+            if attempt == 2 or not raced:
+                raise
