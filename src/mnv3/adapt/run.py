@@ -65,6 +65,7 @@ class AdaptConfig:
     select: str = "ratio"
     final_epochs: int = 0
     held_out: float = 0.1
+    subset: int | None = None
     recipe: str = "cifar"
     lr: float | None = None
     latency: str = "predict"
@@ -78,7 +79,7 @@ class AdaptConfig:
         """What a resumed run must share with the run it continues."""
         return {"weights": weights_digest, "data": str(self.data), "runtime": self.runtime,
                 "target_ms": self.target_ms, "target_ratio": self.target_ratio, "delta": self.delta,
-                "steps": self.steps, "select": self.select, "held_out": self.held_out, "recipe": self.recipe,
+                "steps": self.steps, "select": self.select, "held_out": self.held_out, "subset": self.subset, "recipe": self.recipe,
                 "lr": self.lr, "latency": self.latency, "runtime_threads": self.runtime_threads}
 
 
@@ -148,7 +149,9 @@ class NetAdapt:
         if classes is not None and tuple(classes) != tuple(full.classes):
             raise AdaptError(f"{cfg.weights} was trained on other classes than {cfg.data} holds "
                              f"({len(classes)} vs {len(full.classes)}); adapt it on the data it was trained on")
-        self.split = search_splits(full, held_out=cfg.held_out)
+        if cfg.subset is not None and cfg.subset < len(full.classes):
+            raise AdaptError(f"--subset {cfg.subset}: fewer images than the {len(full.classes)} classes")
+        self.split = search_splits(full, held_out=cfg.held_out, subset=cfg.subset)
         r = load_recipe(cfg.recipe)
         lr = cfg.lr if cfg.lr is not None else r.lr / 10
         want = cfg.steps * r.batch_size
@@ -165,14 +168,18 @@ class NetAdapt:
         self.final_recipe = r.override({"epochs": max(1, cfg.final_epochs), "lr": lr,
                                         "resolution": self.seed_spec.resolution})
 
+    @property
+    def ft_steps(self) -> int:
+        return self.ft_recipe.epochs * (len(self.ft_data.train) // self.ft_recipe.batch_size)
+
     def describe(self) -> str:
-        r = self.ft_recipe
-        steps = r.epochs * (len(self.ft_data.train) // r.batch_size)
+        r, steps = self.ft_recipe, self.ft_steps
         return (f"fine-tune: {steps} steps of batch {r.batch_size} at lr {r.lr:g} ({len(self.ft_data.train)} images x "
                 f"{r.epochs} epoch(s)); held out {len(self.split.val)} training images for ranking")
 
     # -- fine-tuning -----------------------------------------------------------------------------
-    def _fine_tune(self, model_file: Path, out: Path, data: ClassificationData, recipe: Recipe) -> tuple[float, Path]:
+    def _fine_tune(self, model_file: Path, out: Path, data: ClassificationData,
+                   recipe: Recipe) -> tuple[float, float, Path]:
         from mnv3.train.classify import train
 
         if out.exists():
@@ -186,7 +193,7 @@ class NetAdapt:
             if out.is_dir():
                 (out / "train.log").write_text(buf.getvalue())
         (out / "checkpoint.pt").unlink(missing_ok=True)
-        return float(result.metrics["val_top1"]), out / "model.safetensors"
+        return float(result.metrics["val_top1"]), float(result.metrics["val_loss"]), out / "model.safetensors"
 
     def _evaluate_proposal(self, step: int, prop: dict, current: dict) -> None:
         # A claim of a dead process on this machine is taken at once; another machine's after its
@@ -210,9 +217,10 @@ class NetAdapt:
             parent = load(current["model"])
             child = pruned_model(parent, ArchSpec.from_json(prop["spec"]))
             init = save(child, folder / "init.safetensors")
-            acc, model_file = self._fine_tune(init, folder / "fine-tune", self.ft_data, self.ft_recipe)
+            acc, loss, model_file = self._fine_tune(init, folder / "fine-tune", self.ft_data, self.ft_recipe)
             init.unlink(missing_ok=True)
-            self.store.finish(step, prop["layer"], self.worker, acc, time.perf_counter() - start, str(model_file))
+            self.store.finish(step, prop["layer"], self.worker, acc, loss, time.perf_counter() - start,
+                              str(model_file))
         finally:
             stop.set()
             thread.join()
@@ -229,7 +237,7 @@ class NetAdapt:
             self.log(f"resuming: {len(steps) - 1} step(s) done")
             return steps[0]
         acc = heldout_accuracy(self.model, self.split)
-        ms = lat.measure(self.seed_spec)
+        ms = lat.measure_seed(self.seed_spec)
         seed_file = save(self.model, self.out / "steps" / "000" / "seed.safetensors")
         return self.store.add_step({"step": 0, "layer": None, "channels": None, "spec": self.seed_spec.to_json(indent=None),
                                     "accuracy": acc, "predicted_ms": ms, "measured_ms": ms, "model": str(seed_file),
@@ -257,11 +265,15 @@ class NetAdapt:
         return rows, fastest
 
     def _choose(self, current: dict, props: list[dict]) -> dict:
+        """MobileNetV3's rule: the largest accuracy change per latency change; NetAdapt's: the highest
+        accuracy. Ties (a held-out split the seed was trained on saturates at 100%) go to the lower
+        held-out loss."""
         if self.cfg.select == "accuracy":
-            return max(props, key=lambda p: p["accuracy"])
+            return max(props, key=lambda p: (p["accuracy"], -p["loss"]))
 
-        def ratio(p: dict) -> float:
-            return (p["accuracy"] - current["accuracy"]) / max(1e-9, abs(current["measured_ms"] - p["predicted_ms"]))
+        def ratio(p: dict) -> tuple[float, float]:
+            cut = max(1e-9, abs(current["measured_ms"] - p["predicted_ms"]))
+            return (p["accuracy"] - current["accuracy"]) / cut, -p["loss"]
         return max(props, key=ratio)
 
     def run(self) -> dict:
@@ -269,9 +281,10 @@ class NetAdapt:
 
         cfg = self.cfg
         lat = AdaptLatency(_runtime(cfg.runtime), self.seed_spec, db=cfg.db or _default_db(), mode=cfg.latency,
-                           threads=cfg.runtime_threads, log=self.log)
+                           threads=cfg.runtime_threads, num_classes=self.model.num_classes, log=self.log)
         seed = self._start(lat)
         seed_ms = seed["measured_ms"]
+        lat.anchor(self.seed_spec, seed_ms)
         target = cfg.target_ms if cfg.target_ms is not None else cfg.target_ratio * seed_ms
         if target >= seed_ms:
             raise AdaptError(f"--target-ms {target:.3f}: the model already runs in {seed_ms:.3f} ms (measured, "
@@ -334,7 +347,7 @@ class NetAdapt:
                 accuracy = heldout_accuracy(load(done), self.split)
             else:
                 self.log(f"final fine-tune: {cfg.final_epochs} epoch(s) on {len(self.split.train)} images")
-                accuracy, done = self._fine_tune(final_file, self.out / "final", self.split, self.final_recipe)
+                accuracy, _, done = self._fine_tune(final_file, self.out / "final", self.split, self.final_recipe)
             final_file = done
         shutil.copyfile(final_file, self.out / "model.safetensors.tmp")
         os.replace(self.out / "model.safetensors.tmp", self.out / "model.safetensors")
@@ -342,7 +355,10 @@ class NetAdapt:
         summary = {"spec": spec.to_dict(), "model": str(self.out / "model.safetensors"), "accuracy": accuracy,
                    "seed_accuracy": seed["accuracy"], "predicted_ms": current["predicted_ms"],
                    "measured_ms": current["measured_ms"], "seed_ms": seed["measured_ms"], "target_ms": target,
-                   "steps": current["step"], "runtime": lat.runtime.name, "parts_added": lat.added}
+                   "steps": current["step"], "runtime": lat.runtime.name, "parts_added": lat.added,
+                   "fine_tune": {"steps": self.ft_steps, "batch": self.ft_recipe.batch_size,
+                                 "images": len(self.ft_data.train), "lr": self.ft_recipe.lr},
+                   "final_epochs": cfg.final_epochs}
         self.write_outputs(summary)
         return summary
 
@@ -351,6 +367,7 @@ class NetAdapt:
         chosen = {(s["step"], s["layer"]) for s in steps}
         measured = {s["step"]: s["measured_ms"] for s in steps}
         rows = [{"step": 0, "layer": "seed", "channels": "", "chosen": 1, "accuracy": round(steps[0]["accuracy"], 5),
+                 "loss": "",
                  "predicted_ms": round(steps[0]["predicted_ms"], 4), "measured_ms": round(steps[0]["measured_ms"], 4),
                  "params": _params(steps[0]["spec"]), "seconds": ""}]
         for p in self.store.all_proposals():
@@ -358,7 +375,8 @@ class NetAdapt:
                 continue
             pick = (p["step"], p["layer"]) in chosen
             rows.append({"step": p["step"], "layer": p["layer"], "channels": p["channels"], "chosen": int(pick),
-                         "accuracy": round(p["accuracy"], 5), "predicted_ms": round(p["predicted_ms"], 4),
+                         "accuracy": round(p["accuracy"], 5), "loss": round(p["loss"], 5),
+                         "predicted_ms": round(p["predicted_ms"], 4),
                          "measured_ms": round(measured[p["step"]], 4) if pick else "",
                          "params": _params(p["spec"]), "seconds": round(p["seconds"], 1)})
         atomic_write_csv(self.out / "history.csv", rows)

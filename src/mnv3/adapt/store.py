@@ -54,6 +54,7 @@ class AdaptStore:
             sa.Column("worker", sa.String(80)),
             sa.Column("heartbeat", sa.Float),
             sa.Column("accuracy", sa.Float),
+            sa.Column("loss", sa.Float),
             sa.Column("seconds", sa.Float),
             sa.Column("model", sa.Text))
         try:
@@ -130,12 +131,13 @@ class AdaptStore:
             conn.execute(t.update().where(t.c.run == self.run, t.c.step == step, t.c.layer == layer,
                                           t.c.worker == worker, t.c.state == "running").values(heartbeat=_now()))
 
-    def finish(self, step: int, layer: str, worker: str, accuracy: float, seconds: float, model: str) -> None:
+    def finish(self, step: int, layer: str, worker: str, accuracy: float, loss: float, seconds: float,
+               model: str) -> None:
         t = self.props_t
         with self.engine.begin() as conn:
             conn.execute(t.update().where(t.c.run == self.run, t.c.step == step, t.c.layer == layer,
                                           t.c.state == "running", t.c.worker == worker)
-                         .values(state="done", accuracy=accuracy, seconds=seconds, model=model))
+                         .values(state="done", accuracy=accuracy, loss=loss, seconds=seconds, model=model))
 
 
 def config_differences(stored: dict, wanted: dict) -> list[str]:

@@ -54,6 +54,8 @@ def register(sub) -> None:
                    help="fine-tune the final network for N epochs on all training images (default 0)")
     g.add_argument("--held-out", type=float, default=0.1, metavar="F|N",
                    help="training images held out to rank proposals: a fraction (default 0.1) or a count")
+    g.add_argument("--subset", type=int, metavar="N",
+                   help="fine-tune (and --final-epochs train) on a fixed random subset of N training images")
     g.add_argument("--recipe", default="cifar", help="recipe of the fine-tunes (default cifar)")
     g.add_argument("--lr", type=float, help="learning rate of the fine-tunes (default: the recipe's / 10)")
     g.add_argument("--max-steps", type=int, default=100, metavar="N", help="stop after N NetAdapt steps (default 100)")
@@ -87,7 +89,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         raise AdaptError(f"--heartbeat: expected at least 1 second, got {args.heartbeat}")
     cfg = AdaptConfig(weights=args.weights, data=args.data, out=out, runtime=args.runtime,
                       target_ms=args.target_ms, target_ratio=args.target_ratio, delta=args.delta, steps=args.steps,
-                      select=args.select, final_epochs=args.final_epochs, held_out=args.held_out, recipe=args.recipe,
+                      select=args.select, final_epochs=args.final_epochs, held_out=args.held_out, subset=args.subset,
+                      recipe=args.recipe,
                       lr=args.lr, latency=args.latency, db=args.db, storage=args.storage,
                       runtime_threads=args.runtime_threads, max_steps=args.max_steps, heartbeat=args.heartbeat)
     log = lambda text: print(text, file=sys.stderr, flush=True)

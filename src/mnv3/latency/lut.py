@@ -50,13 +50,13 @@ NUM_CLASSES = 1000
 class Head(nn.Module):
     """Last 1x1 conv, global pool, pre-logits and classifier: the network after its last block."""
 
-    def __init__(self, spec: ArchSpec, cin: int) -> None:
+    def __init__(self, spec: ArchSpec, cin: int, num_classes: int = NUM_CLASSES) -> None:
         super().__init__()
         h = spec.head
         self.last_conv = ConvBNAct(cin, h.last_conv, 1, act=h.activation, eps=spec.bn_eps)
         self.pre = nn.Sequential(nn.Linear(h.last_conv, h.pre_logits), activation(h.activation)) \
             if h.pre_logits else nn.Identity()
-        self.classifier = nn.Linear(h.pre_logits or h.last_conv, NUM_CLASSES)
+        self.classifier = nn.Linear(h.pre_logits or h.last_conv, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.pre(self.last_conv(x).mean((2, 3))))
@@ -76,8 +76,9 @@ def _size_after(size: int, stride: int) -> int:
     return -(-size // stride)
 
 
-def network_parts(spec: ArchSpec, batch: int = 1) -> list[Part]:
-    """The parts of `spec` in order: stem, blocks, head."""
+def network_parts(spec: ArchSpec, batch: int = 1, num_classes: int = NUM_CLASSES) -> list[Part]:
+    """The parts of `spec` in order: stem, blocks, head (with a `num_classes` classifier; the
+    search's tables use ImageNet's 1000, NetAdapt the model's own)."""
     same = spec.padding == "same"
     stem = spec.stem
     res = spec.resolution
@@ -95,9 +96,9 @@ def network_parts(spec: ArchSpec, batch: int = 1) -> list[Part]:
                           lambda cin=cin, size=size, block=block: block_tflite(cin, size, block, spec.se_gate)))
         size = _size_after(size, block.stride)
     cin, h = spec.blocks[-1].out, spec.head
-    parts.append(Part(f"head:s{size}:i{cin}:l{h.last_conv}:p{h.pre_logits}:{h.activation}:n{NUM_CLASSES}",
-                      lambda: Head(spec, cin), (batch, cin, size, size),
-                      lambda: head_tflite(spec, cin, size, NUM_CLASSES)))
+    parts.append(Part(f"head:s{size}:i{cin}:l{h.last_conv}:p{h.pre_logits}:{h.activation}:n{num_classes}",
+                      lambda: Head(spec, cin, num_classes), (batch, cin, size, size),
+                      lambda: head_tflite(spec, cin, size, num_classes)))
     return parts
 
 

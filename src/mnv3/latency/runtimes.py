@@ -89,13 +89,13 @@ def check_threads(threads: int) -> int:
     return threads
 
 
-def latency_model(spec_or_model: ArchSpec | nn.Module, batch: int = 1) -> nn.Module:
+def latency_model(spec_or_model: ArchSpec | nn.Module, batch: int = 1, num_classes: int = 1000) -> nn.Module:
     """A model whose activations look like a trained network's. Latency does not depend on the weight
     values, except through denormal numbers: an untrained network's activations shrink towards
     zero block after block, and some CPUs slow down on them. One forward pass in training mode on
     random images sets the batch-norm statistics so that every layer's output stays near unit scale."""
     if isinstance(spec_or_model, ArchSpec):
-        model = build(spec_or_model)
+        model = build(spec_or_model, num_classes)
         bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
         res = spec_or_model.resolution
         with torch.no_grad():
