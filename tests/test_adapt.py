@@ -309,3 +309,20 @@ def test_two_workers_share_a_step_on_postgresql(seed_model, tmp_path, pg_url):
     assert [s for (s,) in steps] == list(range(len(steps))) and len(steps) >= 2
     folders = list((tmp_path / "run" / "steps" / "001").iterdir())
     assert sorted(f.name for f in folders) == sorted(final)        # one folder per proposal
+
+
+def test_measure_mode_times_every_candidate_end_to_end(tmp_path):
+    from mnv3.adapt.latency import AdaptLatency
+    from mnv3.latency import get_runtime
+
+    spec = SPECS["small_s8"]
+    lat = AdaptLatency(get_runtime("onnxruntime"), spec, db=f"sqlite:///{tmp_path / 'lut.sqlite'}", mode="measure",
+                       num_classes=10)
+    seed_ms = lat.measure_seed(spec)
+    lat.anchor(spec, seed_ms)
+    small = spec
+    for name in ("last_conv", "pre_logits", "expand10", "expand11"):      # the head and two blocks at 8
+        small = shrink(small, name, 8)
+    same, cut = lat.predictor(spec, seed_ms)([spec, small])
+    assert abs(same / seed_ms - 1) < 0.25 and cut < same
+    assert lat.added == 0                               # no table parts: whole networks only
