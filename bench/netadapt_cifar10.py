@@ -12,7 +12,7 @@ Every stage writes under bench/results/netadapt_cifar10/ and is skipped when run
 continues its run), so a stopped benchmark resumes.
 
     python bench/netadapt_cifar10.py [--seeds 2] [--subset 8000] [--epochs 5] [--ratio 0.75]
-                                     [--delta 0.1] [--steps 20] [--final-epochs 2] [--threads 2]
+                                     [--delta 0.03] [--steps 20] [--final-epochs 2] [--threads 2]
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def main() -> None:
     parser.add_argument("--subset", type=int, default=8000, help="CIFAR-10 training images used (default 8000)")
     parser.add_argument("--epochs", type=int, default=5, help="epochs of the seed network's training (default 5)")
     parser.add_argument("--ratio", type=float, default=0.75, help="target: this fraction of the seed's latency")
-    parser.add_argument("--delta", type=float, default=0.1, help="NetAdapt's cut per step (default 0.1)")
+    parser.add_argument("--delta", type=float, default=0.03, help="NetAdapt's cut per step (default 0.03)")
     parser.add_argument("--steps", type=int, default=20, help="fine-tune steps per proposal (default 20)")
     parser.add_argument("--final-epochs", type=int, default=2, help="final fine-tune of the adapted network")
     parser.add_argument("--held-out", type=float, default=1000, help="training images proposals are ranked on")
