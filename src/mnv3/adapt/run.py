@@ -317,14 +317,25 @@ class NetAdapt:
                 props = self.store.proposals(step)
             bar.set_postfix_str(f"{current['measured_ms']:.3f} ms, top-1 {current['accuracy']:.3f}, "
                                 f"{len(props)} proposals")
+            # The proposals of this step, fine-tuned by this worker or others, with their own ETA.
+            inner = tqdm(total=len(props), desc=f"step {step} fine-tunes", unit="proposal", file=sys.stderr,
+                         disable=not self.progress, leave=False, position=1, dynamic_ncols=True)
+
+            def seen(rows: list[dict], inner=inner) -> None:
+                inner.update(sum(r["state"] == "done" for r in rows) - inner.n)
+
+            seen(props)
             while True:
                 for p in props:
                     if p["state"] != "done":
                         self._evaluate_proposal(step, p, current)
+                        seen(self.store.proposals(step))
                 props = self.store.proposals(step)
+                seen(props)
                 if all(p["state"] == "done" for p in props):
                     break
                 time.sleep(1.0)           # other workers hold the rest; a dead one's claim expires
+            inner.close()
             best = self._choose(current, props)
             measured = lat.measure(ArchSpec.from_json(best["spec"]))
             current = self.store.add_step({"step": step, "layer": best["layer"], "channels": best["channels"],
