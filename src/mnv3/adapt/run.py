@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import io
 import json
 import math
 import os
@@ -180,18 +179,10 @@ class NetAdapt:
     # -- fine-tuning -----------------------------------------------------------------------------
     def _fine_tune(self, model_file: Path, out: Path, data: ClassificationData,
                    recipe: Recipe) -> tuple[float, float, Path]:
-        from mnv3.train.classify import train
+        from mnv3.train.classify import train_logged
 
-        if out.exists():
-            shutil.rmtree(out)
-        buf = io.StringIO()
-        try:
-            with contextlib.redirect_stderr(buf), contextlib.redirect_stdout(buf):
-                result = train(data, out, weights=str(model_file), recipe=recipe, checkpoint_steps=0,
-                               progress=False, tensorboard=False)
-        finally:
-            if out.is_dir():
-                (out / "train.log").write_text(buf.getvalue())
+        result = train_logged(data, out, weights=str(model_file), recipe=recipe, checkpoint_steps=0,
+                              progress=False, tensorboard=False)
         (out / "checkpoint.pt").unlink(missing_ok=True)
         return float(result.metrics["val_top1"]), float(result.metrics["val_loss"]), out / "model.safetensors"
 

@@ -8,9 +8,6 @@ training set; the test split is never looked at during the search. A weight-shar
 
 from __future__ import annotations
 
-import contextlib
-import io
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -97,19 +94,11 @@ class ProxyOracle:
         return (self.recipe.resolution if self.recipe else None) or self.data.resolution
 
     def accuracy(self, spec: ArchSpec, trial_dir: Path) -> float:
-        from mnv3.train.classify import train
+        from mnv3.train.classify import train_logged
 
-        trial_dir = Path(trial_dir)
-        if trial_dir.exists():              # a trial that died midway: start it again, cleanly
-            shutil.rmtree(trial_dir)
-        log = io.StringIO()        # the engine's per-epoch lines go to the trial's train.log
-        try:
-            with contextlib.redirect_stderr(log), contextlib.redirect_stdout(log):
-                result = train(self.data, trial_dir, arch=spec, recipe=self.recipe, workers=self.workers,
-                               checkpoint_steps=0, progress=False, tensorboard=False)
-        finally:
-            if trial_dir.is_dir():
-                (trial_dir / "train.log").write_text(log.getvalue())
+        trial_dir = Path(trial_dir)     # a trial that died midway starts again, cleanly
+        result = train_logged(self.data, trial_dir, arch=spec, recipe=self.recipe, workers=self.workers,
+                              checkpoint_steps=0, progress=False, tensorboard=False)
         if not self.keep_runs:
             for name in ("checkpoint.pt", "model.safetensors"):
                 (trial_dir / name).unlink(missing_ok=True)

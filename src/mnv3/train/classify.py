@@ -180,6 +180,26 @@ def train(data: str | ClassificationData, out: str | Path, *, arch: str | ArchSp
         teardown(d)
 
 
+def train_logged(data: str | ClassificationData, out: str | Path, **kw: Any) -> TrainResult:
+    """`train` into a fresh `out` (what an interrupted run left there is cleared first), with the
+    engine's lines kept in `out/train.log` instead of the terminal: one short run among many (a
+    search trial, a NetAdapt proposal)."""
+    import contextlib
+    import io
+    import shutil
+
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(log), contextlib.redirect_stdout(log):
+            return train(data, out, **kw)
+    finally:
+        if out.is_dir():
+            (out / "train.log").write_text(log.getvalue())
+
+
 def run_inputs(out: str | Path) -> dict[str, Any]:
     """What a run in `out` was started from (data, arch, weights), for `--resume` with fewer flags."""
     path = Path(out) / "run.json"
