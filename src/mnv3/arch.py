@@ -302,18 +302,23 @@ def _check_act(value: Any, where: str) -> None:
 
 # -- spec transforms -------------------------------------------------------------------------------
 
-def with_output_stride(spec: ArchSpec, output_stride: int) -> ArchSpec:
+def with_output_stride(spec: ArchSpec, output_stride: int, convention: str = "tf") -> ArchSpec:
     """Keep the feature map at 1/output_stride for dense prediction: once that stride is reached,
-    strided blocks become stride 1 and every later block is dilated (TF-slim/DeepLab convention:
-    the block that loses its stride keeps the current rate, the rate doubles after it)."""
+    strided blocks become stride 1 and every later block is dilated. `convention` "tf" (TF-slim and
+    DeepLab, where the paper's models come from): the block that loses its stride keeps the current
+    rate and the rate doubles after it; "torchvision": that block is already dilated (torchvision's
+    `dilated=True` MobileNetV3, which its LR-ASPP and weights use)."""
     if output_stride not in (8, 16, 32):
         raise SpecError(f"output_stride: expected 8, 16 or 32, got {output_stride!r}")
+    if convention not in ("tf", "torchvision"):
+        raise SpecError(f"output_stride convention: expected 'tf' or 'torchvision', got {convention!r}")
     _check_undilated(spec, "output_stride")
     current, rate, blocks = spec.stem.stride, 1, []
     for block in spec.blocks:
         if block.stride > 1 and current * block.stride > output_stride:
-            blocks.append(dataclasses.replace(block, stride=1, dilation=rate))
-            rate *= block.stride
+            rate_after = rate * block.stride
+            blocks.append(dataclasses.replace(block, stride=1, dilation=rate if convention == "tf" else rate_after))
+            rate = rate_after
         else:
             current *= block.stride
             blocks.append(dataclasses.replace(block, dilation=rate))
@@ -349,18 +354,30 @@ def reduced_tail(spec: ArchSpec) -> ArchSpec:
     """Halve the channels of every layer between C4 and C5 (paper section 6.3): the blocks of the
     last strided stage get half their output, expansion and squeeze channels, and the last 1x1 conv
     is halved too. The stage's first block keeps its expansion, where C4 is tapped."""
-    _check_undilated(spec, "reduced_tail")
+    return _halve_last_stage(spec, keep_first_expansion=True, suffix="_reduced_tail")
+
+
+def halve_last_stage(spec: ArchSpec) -> ArchSpec:
+    """The segmentation backbone's "RF2" (paper section 6.4, "reduce the filters in the last block by
+    a factor of 2"), as the authors' DeepLab release applies it: every block of the last strided
+    stage gets half its output, expansion and squeeze channels (the first block's expansion too,
+    unlike `reduced_tail`), and the last 1x1 conv is halved."""
+    return _halve_last_stage(spec, keep_first_expansion=False, suffix="_rf2")
+
+
+def _halve_last_stage(spec: ArchSpec, keep_first_expansion: bool, suffix: str) -> ArchSpec:
+    _check_undilated(spec, suffix.strip("_"))
     strided = [i for i, b in enumerate(spec.blocks) if b.stride > 1]
     if not strided:
-        raise SpecError(f"{spec.name}: reduced_tail needs a strided block to start the last stage")
+        raise SpecError(f"{spec.name}: {suffix.strip('_')} needs a strided block to start the last stage")
     first, blocks = strided[-1], list(spec.blocks)
     for i in range(first, len(blocks)):
         b = blocks[i]
-        expansion = b.expansion if i == first else make_divisible(b.expansion / 2)
+        expansion = b.expansion if i == first and keep_first_expansion else make_divisible(b.expansion / 2)
         se = None if b.se is None else make_divisible(expansion / 4)
         blocks[i] = dataclasses.replace(b, expansion=expansion, out=make_divisible(b.out / 2), se=se)
     head = dataclasses.replace(spec.head, last_conv=make_divisible(spec.head.last_conv / 2))
-    return spec.replace(blocks=tuple(blocks), head=head, name=spec.name + "_reduced_tail")
+    return spec.replace(blocks=tuple(blocks), head=head, name=spec.name + suffix)
 
 
 def _check_undilated(spec: ArchSpec, transform: str) -> None:

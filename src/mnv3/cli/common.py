@@ -20,19 +20,86 @@ _JSON_OUT: list[Any] = []
 
 
 # -- networks ----------------------------------------------------------------------------------------
-def add_arch_options(p: argparse.ArgumentParser) -> None:
+def add_arch_options(p: argparse.ArgumentParser, dense: bool = False) -> None:
     p.add_argument("--width", type=float, default=None,
                    help="width multiplier for a preset (0.35, 0.5, 0.75, 1.0, 1.25, ...)")
-    p.add_argument("--resolution", type=int, default=None, help="input resolution (default: 224 or the spec's)")
+    if dense:
+        p.add_argument("--resolution", type=_resolution, default=None, metavar="N|HxW",
+                       help="input resolution: N, or HxW for --task segment (default: 224 or the spec's; "
+                            "a segmentation model file's own)")
+    else:
+        p.add_argument("--resolution", type=int, default=None,
+                       help="input resolution (default: 224 or the spec's)")
 
 
-def spec_from_args(args: argparse.Namespace, arch: str | None = None) -> ArchSpec:
-    """ARCH (a preset, a peer's name, a spec JSON or a model file) with --width, --resolution and,
-    where the command has them, --reduced-tail and --output-stride applied."""
+def _resolution(text: str) -> int | tuple[int, int]:
+    from mnv3.heads import parse_resolution
+
+    try:
+        return parse_resolution(text)
+    except SpecError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--resolution: ")) from None
+
+
+def add_task_options(p: argparse.ArgumentParser) -> None:
+    """--task, --head and --classes: what turns a backbone into a dense-prediction model."""
+    from mnv3.heads import SEGMENT_KINDS
+
+    p.add_argument("--task", choices=("classify", "segment"), default=None,
+                   help="classify (default) or segment: a segmentation head on the backbone (a model "
+                        "file says its own task)")
+    p.add_argument("--head", choices=SEGMENT_KINDS, default="lraspp",
+                   help="segmentation head: lraspp (the paper's: RF2 backbone, large pooling gate) or "
+                        "lraspp-torchvision (global-pool gate, torchvision's layout); default lraspp")
+
+
+def dense_from_args(args: argparse.Namespace, arch: str | None = None):
+    """(backbone spec, DenseHead or None): a segmentation model file's own, or ARCH turned into a
+    segmentation backbone with --head, --num-classes and --resolution when --task segment."""
+    from mnv3.heads import DenseHead, lraspp, segment_backbone
+
+    arch = arch if arch is not None else args.arch
+    res = args.resolution
+    header = _model_header_of(arch)
+    if header is not None and "head" in header:
+        if args.task == "classify":
+            raise SpecError(f"{arch}: a segmentation model; drop --task classify")
+        head = DenseHead.from_json(header["head"])
+        spec = ArchSpec.from_json(header["spec"])
+        if res is not None:
+            size = res if isinstance(res, tuple) else (res, res)
+            head, spec = head.replace(resolution=size), spec.replace(resolution=min(size))
+        if args.num_classes:
+            head = head.replace(num_classes=args.num_classes)
+        return spec, head
+    if args.task != "segment":
+        return spec_from_args(args, arch), None
+    size = res if isinstance(res, tuple) else (res, res) if res else (512, 512)
+    spec = segment_backbone(spec_from_args(args, arch, resolution=min(size)), args.head, size)
+    return spec, lraspp(args.head, args.num_classes or 19, size)
+
+
+def _model_header_of(arch: str) -> dict[str, str] | None:
+    from mnv3.arch import is_model_file
+    from mnv3.weights.model_file import read_header
+
+    return read_header(Path(arch)) if is_model_file(arch) else None
+
+
+def spec_from_args(args: argparse.Namespace, arch: str | None = None, resolution: int | None = None) -> ArchSpec:
+    """ARCH (a preset, a peer's name, a spec JSON or a model file) with --width, --resolution (or
+    `resolution`) and, where the command has them, --reduced-tail and --output-stride applied."""
     from mnv3.arch import reduced_tail, with_output_stride
     from mnv3.presets import resolve_arch
 
-    spec = resolve_arch(arch if arch is not None else args.arch, args.width, args.resolution)
+    if resolution is None:
+        resolution = args.resolution
+        if isinstance(resolution, tuple):
+            if resolution[0] != resolution[1]:
+                raise SpecError(f"--resolution {resolution[0]}x{resolution[1]}: a classifier takes a square "
+                                "input; give one size, or add --task segment")
+            resolution = resolution[0]
+    spec = resolve_arch(arch if arch is not None else args.arch, args.width, resolution)
     if getattr(args, "reduced_tail", False):
         spec = reduced_tail(spec)
     if getattr(args, "output_stride", None):

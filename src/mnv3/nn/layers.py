@@ -88,8 +88,12 @@ class SqueezeExcite(nn.Module):
         self.expand = nn.Conv2d(squeeze, channels, 1)
         self.gate = gate(gate_name)
 
+    def scale(self, x: torch.Tensor) -> torch.Tensor:
+        """The per-channel gate, (N, C, 1, 1)."""
+        return self.gate(self.expand(self.act(self.reduce(x.mean((2, 3), keepdim=True)))))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.gate(self.expand(self.act(self.reduce(x.mean((2, 3), keepdim=True)))))
+        s = self.scale(x)
         # Without autograd, scale in place: saves allocating (and faulting in) a full feature map.
         return x * s if torch.is_grad_enabled() else x.mul_(s)
 
@@ -123,3 +127,12 @@ class InvertedResidual(nn.Module):
         if self.residual:
             y = x + y if torch.is_grad_enabled() else y.add_(x)
         return e, y
+
+    def forward_parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(expansion output, depthwise output, block output), for feature taps (LR-ASPP's low branch
+        taps the depthwise output); nothing is computed in place over a returned tensor."""
+        e = x if self.expand is None else self.expand(x)
+        d = self.dw(e)
+        y = d if self.se is None else d * self.se.scale(d)
+        y = self.project(y)
+        return e, d, (x + y if self.residual else y)

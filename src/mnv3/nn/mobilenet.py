@@ -2,8 +2,11 @@
 
 Feature taps are named openly so heads can ask for them:
   "stem", "block{i}" (1-based, as in the paper's tables), "block{i}.expansion" (the output of the
-  block's 1x1 expansion, where SSDLite attaches), "last_conv", and "stride{2,4,8,16,32}" (the last
-  output at that stride).
+  block's 1x1 expansion, where SSDLite attaches), "block{i}.depthwise" (the depthwise conv's output,
+  before squeeze-and-excite, where the paper's LR-ASPP takes its 1/8 features), "last_conv",
+  "stride{2,4,8,16,32}" (the last block output at that stride), "stride{s}.depthwise" (the
+  depthwise output of that block) and "stride{s}.first" (the first output at that stride, where
+  torchvision's LR-ASPP takes its 1/8 features).
 """
 
 from __future__ import annotations
@@ -92,16 +95,27 @@ class MobileNet(nn.Module):
             if module.has_expand:
                 taps[f"block{i}.expansion"] = FeatureTap(f"block{i}.expansion", block.expansion, stride)
             stride *= block.stride
+            taps[f"block{i}.depthwise"] = FeatureTap(f"block{i}.depthwise", block.expansion, stride)
             taps[f"block{i}"] = FeatureTap(f"block{i}", block.out, stride)
         taps["last_conv"] = FeatureTap("last_conv", spec.head.last_conv, stride)
         # strideN: the last block output (or the stem) at that stride.
         by_stride: dict[int, FeatureTap] = {}
+        first: dict[int, FeatureTap] = {}
         for tap in taps.values():
-            if tap.name != "last_conv" and not tap.name.endswith(".expansion"):
+            if tap.name != "last_conv" and "." not in tap.name:
                 by_stride[tap.stride] = tap
+                first.setdefault(tap.stride, tap)
+        self._stride_alias = {}
+        for s, tap in sorted(first.items()):
+            taps[f"stride{s}.first"] = FeatureTap(f"stride{s}.first", tap.channels, s)
+            self._stride_alias[f"stride{s}.first"] = tap.name
         for s, tap in sorted(by_stride.items()):
             taps[f"stride{s}"] = FeatureTap(f"stride{s}", tap.channels, s)
-        self._stride_alias = {f"stride{s}": tap.name for s, tap in by_stride.items()}
+            self._stride_alias[f"stride{s}"] = tap.name
+            if tap.name.startswith("block"):
+                dw = taps[f"{tap.name}.depthwise"]
+                taps[f"stride{s}.depthwise"] = FeatureTap(f"stride{s}.depthwise", dw.channels, s)
+                self._stride_alias[f"stride{s}.depthwise"] = dw.name
         return taps
 
     def feature_taps(self) -> dict[str, FeatureTap]:
@@ -120,7 +134,10 @@ class MobileNet(nn.Module):
         for i, module in enumerate(self.blocks, start=1):
             if wanted.issubset(found):
                 break
-            if f"block{i}.expansion" in wanted:
+            if f"block{i}.depthwise" in wanted:
+                e, found[f"block{i}.depthwise"], x = module.forward_parts(x)
+                found[f"block{i}.expansion"] = e
+            elif f"block{i}.expansion" in wanted:
                 e, x = module.forward_expansion(x)
                 found[f"block{i}.expansion"] = e
             else:

@@ -12,9 +12,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import safe_open, save_file
 
-from mnv3.arch import MODEL_FORMAT, ArchSpec, safetensors_metadata
+from mnv3.arch import MODEL_FORMAT, ArchSpec, SpecError, safetensors_metadata
 from mnv3.files import atomic_write
+from mnv3.heads import DenseHead
 from mnv3.nn import MobileNet, build
+from mnv3.nn.lraspp import Segmenter, build_segmenter
 
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
@@ -79,11 +81,16 @@ class ModelMeta:
         return f"{name} ({cid})" if name and name != cid else cid
 
 
-def model_meta(model: MobileNet) -> ModelMeta:
-    """The model's metadata; a model built from a bare spec gets default preprocessing."""
+def model_meta(model: MobileNet | Segmenter) -> ModelMeta:
+    """The model's metadata; a model built from a bare spec gets default preprocessing (a
+    segmentation model: resized to its head's height, no crop)."""
     meta = getattr(model, "meta", None)
-    return meta if isinstance(meta, ModelMeta) else ModelMeta(
-        preprocess=Preprocess.for_resolution(model.spec.resolution))
+    if isinstance(meta, ModelMeta):
+        return meta
+    if isinstance(model, Segmenter):
+        height = model.head_spec.resolution[0]
+        return ModelMeta(preprocess=Preprocess(resolution=height, resize=height))
+    return ModelMeta(preprocess=Preprocess.for_resolution(model.spec.resolution))
 
 
 def set_meta(model: MobileNet, meta: ModelMeta) -> MobileNet:
@@ -96,9 +103,10 @@ def set_meta(model: MobileNet, meta: ModelMeta) -> MobileNet:
     return model
 
 
-def save(model: MobileNet, path: str | Path, meta: ModelMeta | None = None) -> Path:
-    """Write `model` (spec, weights, metadata) to one safetensors file, atomically."""
-    if not isinstance(model, MobileNet):
+def save(model: MobileNet | Segmenter, path: str | Path, meta: ModelMeta | None = None) -> Path:
+    """Write `model` (spec, weights, metadata; a segmentation model's head too) to one safetensors
+    file, atomically."""
+    if not isinstance(model, (MobileNet, Segmenter)):
         raise WeightsError(f"save: expected an mnv3 model (from mnv3.build or mnv3.load), "
                            f"got {type(model).__name__}")
     meta = meta or model_meta(model)
@@ -111,6 +119,8 @@ def save(model: MobileNet, path: str | Path, meta: ModelMeta | None = None) -> P
         "fused": "1" if model.fused else "0",
         "meta": meta.to_json(),
     }
+    if isinstance(model, Segmenter):
+        header["head"] = model.head_spec.to_json()
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
 
 
@@ -138,17 +148,22 @@ def is_model_header(header: dict[str, str]) -> bool:
 
 
 def load_model_file(path: Path, tensors: dict[str, torch.Tensor], header: dict[str, str],
-                    arch: ArchSpec | None = None) -> MobileNet:
-    """Rebuild a model from an mnv3 model file; with `arch`, load its weights into that spec instead."""
+                    arch: ArchSpec | None = None) -> MobileNet | Segmenter:
+    """Rebuild a model from an mnv3 model file; with `arch`, load its weights into that spec instead.
+    A file with a head (segmentation) gives a `Segmenter`."""
     try:
         spec = ArchSpec.from_json(header["spec"])
         num_classes = int(header["num_classes"])
         meta = ModelMeta.from_json(header["meta"])
+        head = DenseHead.from_json(header["head"]) if "head" in header else None
     except (KeyError, ValueError, TypeError) as exc:
         raise WeightsError(f"{path}: damaged mnv3 model header ({exc}); re-save the model") from None
     if arch is not None and arch != spec:
         spec = arch
-    model = build(spec, num_classes)
+    try:
+        model = build(spec, num_classes) if head is None else build_segmenter(spec, head)
+    except SpecError as exc:
+        raise WeightsError(f"{path}: {exc}") from None
     if header.get("fused") == "1":
         model.fuse()
     load_weights(model, tensors, source=str(path))
@@ -164,8 +179,10 @@ def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], sourc
     shapes = [f"{k}: file {list(tensors[k].shape)} vs model {list(ours[k].shape)}"
               for k in ours if k in tensors and tensors[k].shape != ours[k].shape]
     if missing or unexpected or shapes:
-        lines = [(f"{source}: the weights do not fit this network "
-                 f"({getattr(model, 'spec', None) and model.spec.name}).")]
+        what = getattr(model, "spec", None) and model.spec.name
+        if isinstance(model, Segmenter):
+            what = f"{what} + {model.head_spec.kind}"
+        lines = [f"{source}: the weights do not fit this network ({what})."]
         for title, items in (("shape mismatch", shapes), ("missing from the file", missing),
                              ("not in the network", unexpected)):
             if items:

@@ -22,6 +22,7 @@ from mnv3.arch import ArchSpec
 from mnv3.files import atomic_write, cache_dir
 from mnv3.imagenet import imagenet_classes
 from mnv3.nn import MobileNet, build
+from mnv3.nn.lraspp import Segmenter
 from mnv3.presets import COMMON_WIDTHS, PRESETS, candidates, resolve_arch
 from mnv3.weights.model_file import (
     ModelMeta,
@@ -33,6 +34,7 @@ from mnv3.weights.model_file import (
     read_safetensors,
     set_meta,
 )
+from mnv3.weights.segment_import import import_torchvision_lraspp, is_torchvision_lraspp
 from mnv3.weights.state_dicts import detect_format, map_state_dict, matches, module_order, num_classes_of
 from mnv3.weights.tflite_import import load_tflite
 
@@ -148,8 +150,11 @@ def _recognise(state: dict[str, torch.Tensor], num_classes: int, fmt: str) -> Ar
 
 
 def import_state_dict(state: dict[str, torch.Tensor], arch: ArchSpec | None, source: str,
-                      resize: int | None = None) -> MobileNet:
-    """Build the network and copy a torchvision, timm or bare mnv3 state dict into it."""
+                      resize: int | None = None) -> MobileNet | Segmenter:
+    """Build the network and copy a torchvision, timm or bare mnv3 state dict into it (torchvision's
+    LR-ASPP segmentation weights give a Segmenter)."""
+    if is_torchvision_lraspp(state):
+        return import_torchvision_lraspp(state, arch, source)
     try:
         fmt = detect_format(state)
     except ValueError as exc:
