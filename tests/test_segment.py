@@ -4,19 +4,27 @@ needs, its counts against the paper's Table 7, torchvision's weights, model file
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import mnv3
 from mnv3.arch import SpecError, halve_last_stage, reduced_tail, with_output_stride
 from mnv3.cli import main
 from mnv3.complexity import count
+from mnv3.data import DataError
+from mnv3.data.masks import SegEvalSet, SegTrainSet, open_masks, read_mask
 from mnv3.heads import DenseHead, lraspp, parse_resolution, pool_window, segment_backbone
 from mnv3.nn import build
 from mnv3.nn.lraspp import Segmenter, build_segmenter
 from mnv3.nn.profile import module_cost
 from mnv3.presets import resolve_arch
+from mnv3.train.recipe import load_recipe
+from mnv3.train.segment import SegmentationTask, confusion, scores
+from mnv3.weights import Preprocess
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:
@@ -214,3 +222,207 @@ def test_info_segment_prints_params_and_macs(capsys, tmp_path):
     assert doc["params"] == sum(p.numel() for p in model.parameters())
     code, out, err = run(capsys, "info", "mobilenet_v3_small", "--resolution", "96x128")
     assert code == 2 and "square" in err and "--task segment" in err and "Traceback" not in err
+
+
+# -- data -------------------------------------------------------------------------------------------
+CAMVID = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "camvid"
+
+
+@pytest.fixture(scope="module")
+def camvid_tiny(tmp_path_factory) -> Path:
+    """A mask-folder data set of 12 + 4 CamVid images (links to ../shared, nothing copied)."""
+    root = tmp_path_factory.mktemp("camvid-tiny")
+    (root / "classes.txt").write_text((CAMVID / "classes.txt").read_text())
+    for split, n in (("train", 12), ("val", 4)):
+        for sub in ("images", "masks"):
+            (root / split / sub).mkdir(parents=True)
+        for image in sorted((CAMVID / split / "images").glob("*.jpg"))[:n]:
+            (root / split / "images" / image.name).symlink_to(image)
+            (root / split / "masks" / f"{image.stem}.png").symlink_to(CAMVID / split / "masks" / f"{image.stem}.png")
+    return root
+
+
+def small_set(root: Path, masks: dict[str, np.ndarray], size=(40, 30), classes=("a", "b", "c")) -> Path:
+    """A mask-folder set written by the test: one train and one val pair per entry of `masks`
+    (image size `size`, width x height; a mask array may have another size)."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "classes.txt").write_text("\n".join(classes) + "\n")
+    photo = Image.open(min((CAMVID / "val" / "images").glob("*.jpg"))).convert("RGB").resize(size)
+    for split in ("train", "val"):
+        for sub in ("images", "masks"):
+            (root / split / sub).mkdir(parents=True, exist_ok=True)
+        for stem, mask in masks.items():
+            photo.save(root / split / "images" / f"{stem}.jpg")
+            if mask is not None:
+                Image.fromarray(mask).save(root / split / "masks" / f"{stem}.png")
+    return root
+
+
+def test_camvid_opens_with_its_void_as_ignore_index(camvid_tiny):
+    data = open_masks(CAMVID, ignore_index=11)
+    assert (len(data.train), len(data.val), len(data.classes)) == (367, 101, 11)
+    with pytest.raises(DataError, match=r"values \[11\].*--ignore-index"):
+        open_masks(camvid_tiny)                        # 255 is the default; CamVid's void is 11
+
+
+def test_joint_transforms_keep_image_and_mask_aligned(camvid_tiny):
+    data = open_masks(camvid_tiny, ignore_index=11)
+    pre = Preprocess(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    train = SegTrainSet(data.train, pre, (48, 64), 11, scale=(0.5, 2.0), seed=3)
+    for i in range(4):
+        x, y, err = train[i]
+        assert err is None and x.shape == (3, 48, 64) and y.shape == (48, 64) and y.dtype == torch.int64
+        assert set(y.unique().tolist()) <= set(range(12))           # classes, void, never a blend
+        again, y2, _ = train[i]
+        assert torch.equal(x, again) and torch.equal(y, y2)          # a sample's own seed
+        padded = (x == 0).all(0)                                     # pixels added by the crop's padding ...
+        assert (y[padded] == 11).all() or not padded.any()           # ... are labelled with the ignore index
+    # the flip and the scale move image and mask together: a constant-colour region keeps one label
+    raw = np.asarray(Image.open(data.train.masks[0]))
+    x, y, _ = SegEvalSet(data.train, pre, (raw.shape[0], raw.shape[1]))[0]
+    assert torch.equal(y, torch.from_numpy(raw.astype(np.int64)))
+
+
+def test_bad_masks_are_one_error_naming_the_file(tmp_path):
+    ok = np.zeros((30, 40), np.uint8)
+    root = small_set(tmp_path / "missing", {"a": ok, "b": None})
+    with pytest.raises(DataError, match=r"b\.jpg: no mask; expected .*b\.png"):
+        open_masks(root)
+    root = small_set(tmp_path / "size", {"a": ok, "b": np.zeros((31, 40), np.uint8)})
+    with pytest.raises(DataError, match=r"b\.png: mask is 40x31 but its image b\.jpg is 40x30"):
+        open_masks(root)
+    root = small_set(tmp_path / "values", {"a": np.full((30, 40), 7, np.uint8)})
+    with pytest.raises(DataError, match=r"a\.png: values \[7\] are neither a class \(0-2\)"):
+        open_masks(root)
+    assert len(open_masks(small_set(tmp_path / "ignored", {"a": np.full((30, 40), 255, np.uint8)})).train) == 1
+    root = small_set(tmp_path / "rgb", {"a": ok})
+    Image.new("RGB", (40, 30)).save(root / "train" / "masks" / "a.png")
+    with pytest.raises(DataError, match="a.png: a RGB image; a mask must be single-channel"):
+        open_masks(root)
+    with pytest.raises(DataError, match="classes.txt: missing"):
+        open_masks(tmp_path / "size" / "train")
+
+
+def test_voc_layout(tmp_path):
+    root = tmp_path / "VOC"
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / sub).mkdir(parents=True)
+    photo = Image.open(min((CAMVID / "val" / "images").glob("*.jpg"))).convert("RGB").resize((40, 30))
+    for stem in ("2007_000001", "2007_000002"):
+        photo.save(root / "JPEGImages" / f"{stem}.jpg")
+        mask = Image.fromarray(np.where(np.arange(40)[None, :] < 20, 15, 255).repeat(30, 0).astype(np.uint8), "P")
+        mask.putpalette([0, 0, 0] * 256)
+        mask.save(root / "SegmentationClass" / f"{stem}.png")
+    (root / "ImageSets/Segmentation/train.txt").write_text("2007_000001\n")
+    (root / "ImageSets/Segmentation/val.txt").write_text("2007_000002\n")
+    data = open_masks(root)
+    assert data.classes[15] == "person" and len(data.classes) == 21 and len(data.train) == len(data.val) == 1
+    assert set(np.unique(read_mask(data.val.masks[0])).tolist()) == {15, 255}
+
+
+# -- metrics ----------------------------------------------------------------------------------------
+def test_miou_from_one_confusion_matrix_with_the_ignore_index():
+    target = torch.tensor([[0, 0, 1, 1], [2, 2, 255, 255]])
+    pred = torch.tensor([[0, 1, 1, 1], [2, 0, 0, 2]])
+    m = confusion(pred, target, 3, 255)
+    assert m.tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]          # rows: truth; ignored pixels left out
+    s = scores(m, ("a", "b", "c"))
+    # IoU a = 1 / (2 + 2 - 1), b = 2 / (2 + 3 - 2), c = 1 / (2 + 1 - 1)
+    assert s["per_class"] == pytest.approx({"a": 1 / 3, "b": 2 / 3, "c": 1 / 2})
+    assert s["miou"] == pytest.approx((1 / 3 + 2 / 3 + 1 / 2) / 3) and s["pixel_acc"] == pytest.approx(4 / 6)
+    # one matrix over the split, not a mean of per-image scores
+    first, second = confusion(pred[:1], target[:1], 3, 255), confusion(pred[1:], target[1:], 3, 255)
+    assert torch.equal(first + second, m)
+    per_image = (scores(first)["miou"] + scores(second)["miou"]) / 2
+    assert per_image != pytest.approx(s["miou"])
+    task = SegmentationTask(3, 255)
+    logits = torch.nn.functional.one_hot(pred, 3).permute(2, 0, 1)[None].float() * 10
+    metrics = task.metrics(task.eval_stats(logits, target[None]), "val")
+    assert metrics["val_miou"] == pytest.approx(s["miou"])
+    assert task.loss(logits, torch.full_like(target[None], 255)).isnan()      # all ignored: no signal
+    assert task.loss(logits, target[None]) > 0
+
+
+def test_poly_schedule():
+    r = load_recipe("segment").override({"epochs": "10", "lr": "0.04", "lr_batch": "8", "batch_size": "8"})
+    assert r.lr_at(0, 10) == pytest.approx(0.04)
+    assert r.lr_at(50, 10) == pytest.approx(0.04 * 0.5 ** 0.9)
+    assert r.lr_at(99, 10) < 0.001
+
+
+# -- training, eval, predict, bench end to end ----------------------------------------------------------
+def test_segment_train_resume_eval_predict_bench(camvid_tiny, tmp_path, capsys):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from test_train import kill_in_second_epoch, metrics
+
+    backbone = mnv3.save(build(resolve_arch("mobilenet_v3_small", 0.35), 10), tmp_path / "backbone.safetensors")
+    args = ["train", "--task", "segment", "--data", camvid_tiny, "--weights", backbone, "--resolution", "48x64",
+            "--ignore-index", "11", "--epochs", "3", "--batch-size", "4", "--lr", "0.05", "--lr-batch", "4",
+            "--checkpoint-steps", "1", "--threads", "1", "--no-progress"]
+    code, out, err = run(capsys, *args, "--out", tmp_path / "whole", "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert 0 <= doc["miou"] <= 1 and "pixel_acc" in doc and "backbone from" in err and "tensors copied" in err
+    rows = metrics(tmp_path / "whole")
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])          # it learns
+    assert "val_iou_road" in rows[0] and (tmp_path / "whole" / "curves.png").is_file()
+    model = mnv3.load(doc["model"])
+    assert isinstance(model, Segmenter) and model.head_spec.resolution == (48, 64)
+    assert model.meta.class_names[3] == "road" and model.meta.training["ignore_index"] == 11
+
+    # killed mid-run with SIGKILL, resumed from its last checkpoint: the same run
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "mnv3", *map(str, args), "--out", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kill_in_second_epoch(proc, killed, lambda p: os.kill(p.pid, signal.SIGKILL))
+    assert not (killed / "model.safetensors").exists()
+    code, _, err = run(capsys, "train", "--out", killed, "--resume", "--no-progress", "--threads", "1")
+    assert code == 0, err
+    for a, b in zip(rows, metrics(killed)):
+        for key in ("train_loss", "val_loss", "val_miou", "val_pixel_acc"):
+            assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-4, abs=1e-5), key
+
+    # eval: the same confusion matrix as the run's last validation
+    code, out, err = run(capsys, "eval", "--weights", doc["model"], "--data", camvid_tiny, "--no-progress", "--json")
+    assert code == 0, err
+    scored = json.loads(out)
+    assert scored["miou"] == pytest.approx(doc["miou"], abs=1e-6) and scored["images"] == 4
+    assert set(scored["per_class"]) == set(model.meta.class_names) and "mIoU" in err
+
+    # predict: a colour mask and an overlay per image, at the image's own size
+    images = sorted((camvid_tiny / "val" / "images").iterdir())[:2]
+    code, out, err = run(capsys, "predict", "--weights", doc["model"], *images, "--out", tmp_path / "pred", "--json")
+    assert code == 0, err
+    results = json.loads(out)["results"]
+    assert len(results) == 2 and "written to" in err
+    for r, image in zip(results, images):
+        with Image.open(r["mask"]) as mask, Image.open(image) as photo, Image.open(r["overlay"]) as overlay:
+            assert mask.size == photo.size == overlay.size and mask.mode == "RGB"
+        assert sum(r["classes"].values()) == pytest.approx(1.0)
+
+    # bench: the whole model at its resolution on ONNX Runtime
+    code, out, err = run(capsys, "bench", doc["model"], "--runtime", "onnxruntime", "--no-progress",
+                         "--csv", tmp_path / "bench.csv", "--json")
+    assert code == 0, err
+    timing = json.loads(out)["results"][0]
+    assert timing["arch"].endswith("+lraspp") and timing["median_ms"] > 0
+    assert timing["params"] == sum(p.numel() for p in model.parameters())
+
+
+def test_segment_cli_bad_input_is_one_line(camvid_tiny, tmp_path, capsys):
+    code, _, err = run(capsys, "train", "--task", "segment", "--data", camvid_tiny, "--out", tmp_path / "r",
+                       "--no-progress")
+    assert code == 2 and "values [11]" in err and "--ignore-index" in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as exit_code:
+        run(capsys, "train", "--task", "segment", "--head", "deeplab", "--data", camvid_tiny)
+    assert exit_code.value.code == 2 and "invalid choice: 'deeplab'" in capsys.readouterr().err
+    code, _, err = run(capsys, "train", "--task", "segment", "--data", tmp_path / "nowhere", "--out", tmp_path / "r")
+    assert code == 2 and "no such folder" in err
+    model = mnv3.save(segmenter("lraspp", classes=5), tmp_path / "seg5.safetensors")
+    code, _, err = run(capsys, "eval", "--weights", model, "--data", camvid_tiny, "--ignore-index", "11",
+                       "--no-progress")
+    assert code == 2 and "11 classes in classes.txt but the model predicts 5" in err

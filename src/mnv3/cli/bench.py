@@ -6,7 +6,14 @@ import argparse
 import sys
 
 from mnv3.arch import SpecError
-from mnv3.cli.common import add_arch_options, add_json, add_output, emit_json, spec_from_args
+from mnv3.cli.common import (
+    add_arch_options,
+    add_json,
+    add_output,
+    add_task_options,
+    dense_from_args,
+    emit_json,
+)
 
 DEFAULT_CSV = "mnv3-bench.csv"
 
@@ -20,12 +27,18 @@ def register(sub) -> None:
                                    "each followed by a burst of the first, and every network gets its ratio "
                                    "to the first (the median of the per-round ratios, which holds while "
                                    "another job loads the machine). "
-                                   "ARCH: a preset, a peer's name, a spec JSON or a model file.")
+                                   "ARCH: a preset, a peer's name, a spec JSON or a model file. A "
+                                   "segmentation model (a model file, or ARCH with --task segment) is "
+                                   "timed whole (backbone, head and the final upsampling) at its "
+                                   "resolution.")
     p.add_argument("archs", nargs="+", metavar="ARCH")
     p.add_argument("--runtime", required=True, help="torch, torch-fused, onnxruntime or litert")
     p.add_argument("--threads", type=int, default=1, help="threads the runtime may use (default 1)")
     p.add_argument("--batch", type=int, default=1)
-    add_arch_options(p)
+    add_arch_options(p, dense=True)
+    add_task_options(p)
+    p.add_argument("--num-classes", "--classes", type=int, default=None, dest="num_classes",
+                   help="--task segment: classes of the head (default 19)")
     p.add_argument("--runs", type=int, default=50, help="timed runs per network (at least 50)")
     add_output(p, "--csv", default=DEFAULT_CSV, metavar="FILE",
                help=f"CSV the rows are added to (default {DEFAULT_CSV}); a file with other columns is "
@@ -38,7 +51,6 @@ def register(sub) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from mnv3.complexity import count
     from mnv3.files import append_csv
     from mnv3.latency import MIN_RUNS, LatencyError, check_threads, get_runtime, measure, measure_side_by_side
 
@@ -48,13 +60,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise SpecError(f"--batch: expected at least 1, got {args.batch}")
     if args.runs < MIN_RUNS:      # before any (slow) conversion
         raise LatencyError(f"--runs: the protocol times at least {MIN_RUNS} runs, got {args.runs}")
-    specs = [spec_from_args(args, a) for a in args.archs]
-    env = runtime.environment(threads, args.batch, specs[0].resolution)
+    nets = [_network(args, a) for a in args.archs]
+    specs = [n[0] for n in nets]
+    env = runtime.environment(threads, args.batch, nets[0][2][0])
     print(f"{env.runtime} {env.runtime_version} on {env.cpu} ({env.cores} cores), {threads} thread(s), "
           f"batch {args.batch}, at least {args.runs} timed runs each", flush=True)
-    sessions = [runtime.session(spec, threads=threads, batch=args.batch)
-                for spec in tqdm(specs, desc="prepare", unit="net", file=sys.stderr,
-                                 disable=args.no_progress)]
+    sessions = [runtime.session(spec, threads=threads, batch=args.batch) if module is None else
+                runtime.session(module, threads=threads, input_shape=(args.batch, 3, *size))
+                for spec, module, size, _ in tqdm(nets, desc="prepare", unit="net", file=sys.stderr,
+                                                  disable=args.no_progress)]
     if len(sessions) == 1:
         results = [(measure(sessions[0], args.runs), 1.0)]
     else:
@@ -67,17 +81,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
             results = measure_side_by_side(sessions, args.runs, burst=3, on_round=lambda r: bar.update())
     rows = []
     print(f"{'arch':<34}{'params':>12}{'MACs':>10}{'median ms':>11}{'p10':>9}{'p90':>9}{'ratio':>8}")
-    for spec, (timing, ratio) in zip(specs, results):
-        cost = count(spec, 1000)
-        env = runtime.environment(threads, args.batch, spec.resolution)
-        rows.append({"arch": spec.name, "runtime": runtime.name, "median_ms": round(timing.median_ms, 4),
+    for (spec, _, size, (name, params, macs)), (timing, ratio) in zip(nets, results):
+        env = runtime.environment(threads, args.batch, size[0])
+        rows.append({"arch": name, "runtime": runtime.name, "median_ms": round(timing.median_ms, 4),
                      "p10_ms": round(timing.p10_ms, 4), "p90_ms": round(timing.p90_ms, 4),
-                     "ratio": round(ratio, 4), "params": cost.params, "macs": cost.macs, "runs": timing.runs,
-                     **{k: v for k, v in env.as_dict().items() if k != "runtime"}})
-        print(f"{spec.name:<34}{cost.params:>12,}{cost.macs / 1e6:>9.1f}M{timing.median_ms:>11.3f}"
+                     "ratio": round(ratio, 4), "params": params, "macs": macs, "runs": timing.runs,
+                     **{k: v for k, v in env.as_dict().items() if k != "runtime"}, "input": f"{size[0]}x{size[1]}"})
+        print(f"{name:<34}{params:>12,}{macs / 1e6:>9.1f}M{timing.median_ms:>11.3f}"
               f"{timing.p10_ms:>9.3f}{timing.p90_ms:>9.3f}{ratio:>8.3f}")
     if len(specs) > 1:
-        print(f"ratio: each network's time over {specs[0].name}'s, median of {rounds} rounds timed side by side")
+        print(f"ratio: each network's time over {nets[0][3][0]}'s, median of {rounds} rounds timed side by side")
     path, how = append_csv(args.csv, rows)
     print({"appended": f"{len(rows)} row(s) appended to {path}",
            "written": f"written {path}",
@@ -87,3 +100,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
         emit_json({"environment": {k: v for k, v in rows[0].items() if k in env.as_dict()},
                    "results": [{k: r[k] for k in keys} for r in rows], "csv": str(path)})
     return 0
+
+
+def _network(args: argparse.Namespace, arch: str):
+    """(spec, module or None, (h, w), (name, params, MACs)): a classifier is timed from its spec (its
+    conversion cached), a segmentation model as a module at its own resolution."""
+    from mnv3.arch import is_model_file
+    from mnv3.complexity import count
+
+    spec, head = dense_from_args(args, arch)
+    if head is None:
+        cost = count(spec, 1000)
+        return spec, None, (spec.resolution, spec.resolution), (spec.name, cost.params, cost.macs)
+    from mnv3.latency.runtimes import calibrate_batchnorm
+    from mnv3.nn.lraspp import build_segmenter
+    from mnv3.nn.profile import module_cost
+
+    size = tuple(head.resolution)
+    if is_model_file(arch) and args.resolution is None and not args.num_classes:
+        from mnv3.weights import load
+
+        module = load(arch)
+    else:
+        module = calibrate_batchnorm(build_segmenter(spec, head), (2, 3, *size))
+    params, macs, _ = module_cost(lambda: build_segmenter(spec, head), size)
+    return spec, module, size, (f"{spec.name}+{head.kind}", params, macs)

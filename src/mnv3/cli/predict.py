@@ -3,29 +3,38 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
-from mnv3.cli.common import add_json, add_threads, emit_json
+from mnv3.cli.common import add_json, add_output, add_threads, emit_json
 
 
 def register(sub) -> None:
-    p = sub.add_parser("eval", help="top-1/top-5 on an image folder",
+    p = sub.add_parser("eval", help="top-1/top-5 on an image folder; mIoU for a segmentation model",
                        description="Evaluate on FOLDER/<class id>/<images>; class folders are named by "
                                    "the model's class ids (ImageNet wnids for ImageNet weights); a subset "
-                                   "of the classes is fine. Unreadable images are skipped and counted.")
+                                   "of the classes is fine. Unreadable images are skipped and counted. "
+                                   "A segmentation model is scored on the val/ split of a mask data set "
+                                   "(mIoU and per-class IoU from one confusion matrix, pixel accuracy).")
     p.add_argument("--weights", required=True, metavar="FILE", help="model file (or any SOURCE convert takes)")
     p.add_argument("--data", required=True, metavar="FOLDER")
     p.add_argument("--arch", help="only for weights that do not carry their network")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--ignore-index", type=int, default=None,
+                   help="segmentation: the mask value that is not a class (default: the one the model was "
+                        "trained with, else 255)")
     p.add_argument("--workers", type=int, default=0, help="data-loading processes (default 0)")
     add_threads(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_json(p, "top1, top5 (fractions), images, skipped")
+    add_json(p, "top1, top5 (fractions), images, skipped; for a segmentation model miou, pixel_acc, per_class, "
+                "images")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("predict", help="top-5 classes of images",
-                       description="Print the top classes of each image with names and probabilities. "
+    p = sub.add_parser("predict", help="top-5 classes of images; masks for a segmentation model",
+                       description="Print the top classes of each image with names and probabilities "
+                                   "(a segmentation model: write a colour mask and an overlay PNG per "
+                                   "image into --out). "
                                    "A folder stands for the images in it (and its subfolders). A missing "
                                    "or unreadable image is reported on one line and the others are still "
                                    "predicted; the exit code is then 2.")
@@ -33,8 +42,12 @@ def register(sub) -> None:
     p.add_argument("--weights", required=True, metavar="FILE", help="model file (or any SOURCE convert takes)")
     p.add_argument("--arch", help="only for weights that do not carry their network")
     p.add_argument("--top", type=int, default=5, help="how many classes to print (default 5)")
+    add_output(p, "--out", kind="dir", metavar="DIR",
+               help="segmentation: folder for the mask and overlay PNGs (default: predictions, or "
+                    "predictions-2, ... when it exists)")
     add_threads(p)
-    add_json(p, "results [{image, top: [{class, label, prob}]}], failed")
+    add_json(p, "results [{image, top: [{class, label, prob}]}], failed; for a segmentation model "
+                "results [{image, mask, overlay, classes}]")
     p.set_defaults(func=cmd_predict)
 
 
@@ -69,6 +82,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     images = expand_images(args.images)
     apply_threads(args.threads)
     model = load(args.weights, arch=args.arch)
+    if hasattr(model, "head_spec"):
+        return _predict_masks(args, model, images)
     failed, results = 0, []
     for image in images:
         try:
@@ -88,13 +103,61 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return EXIT_USAGE if failed else 0
 
 
+def _predict_masks(args: argparse.Namespace, model, images: list[str]) -> int:
+    from collections import Counter
+
+    from mnv3.cli.common import EXIT_USAGE
+    from mnv3.data import DataError
+    from mnv3.files import unused_path
+    from mnv3.train.evaluate import predict_mask, write_mask_pngs
+    from mnv3.weights import model_meta
+
+    out = Path(args.out) if args.out else unused_path("predictions")
+    out.mkdir(parents=True, exist_ok=True)
+    meta = model_meta(model)
+    failed, results = 0, []
+    for image in images:
+        try:
+            mask, img = predict_mask(model, image)
+        except DataError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        stem = Path(image).stem
+        if any(r["stem"] == stem for r in results):
+            stem = f"{stem}-{len(results)}"
+        mask_path, overlay_path = write_mask_pngs(mask, img, out, stem, model.num_classes)
+        counts = Counter(mask.flatten().tolist())
+        top = [(meta.label(c), n / mask.size) for c, n in counts.most_common(3)]
+        results.append({"image": image, "stem": stem, "mask": str(mask_path), "overlay": str(overlay_path),
+                        "classes": {meta.label(c): n / mask.size for c, n in counts.most_common()}})
+        print(f"{image}: {', '.join(f'{label} {share:.0%}' for label, share in top)}")
+    print(f"masks and overlays written to {out}/", file=sys.stderr)
+    if failed:
+        print(f"{failed} of {len(images)} image(s) could not be read", file=sys.stderr)
+    if args.json:
+        emit_json({"results": [{k: v for k, v in r.items() if k != "stem"} for r in results], "failed": failed,
+                   "out": str(out)})
+    return EXIT_USAGE if failed else 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
-    from mnv3.train.evaluate import evaluate
+    from mnv3.train.evaluate import evaluate, evaluate_segmentation
     from mnv3.train.threads import apply_threads
     from mnv3.weights import load
 
     apply_threads(args.threads, workers=args.workers)
     model = load(args.weights, arch=args.arch)
+    if hasattr(model, "head_spec"):
+        result = evaluate_segmentation(model, args.data, args.ignore_index, batch_size=args.batch_size,
+                                       workers=args.workers, progress=not args.no_progress)
+        print(f"{model.spec.name} + {model.head_spec.kind} on {args.data} (val, {result.images} images): "
+              f"mIoU {result.miou:.2%}, pixel accuracy {result.pixel_acc:.2%}")
+        for name, iou in result.per_class.items():
+            print(f"  {name:<20} {'-' if math.isnan(iou) else f'{iou:.2%}'}")
+        if args.json:
+            emit_json(result.as_dict())
+        return 0
     result = evaluate(model, args.data, batch_size=args.batch_size, workers=args.workers,
                       progress=not args.no_progress)
     print(f"{model.spec.name} on {args.data}: top-1 {result.top1:.2%}, top-5 {result.top5:.2%} "

@@ -15,8 +15,9 @@ _NOT_FLAGS = ("name", "about")
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "train", help="train or fine-tune a classifier (image folder, digits, cifar10)",
-        description="Train a classifier and write a run folder: the resolved recipe, metrics.csv, "
+        "train", help="train or fine-tune a classifier (image folder, digits, cifar10) or a segmentation model",
+        description="Train a classifier (or, with --task segment, an LR-ASPP segmentation model on a "
+                    "mask data set) and write a run folder: the resolved recipe, metrics.csv, "
                     "TensorBoard logs, curves.png, checkpoint.pt and model.safetensors (which "
                     "`mnv3 eval` and `mnv3 predict` take). Runs under `torchrun --nproc_per_node N "
                     "-m mnv3 train ...` as data-parallel processes.",
@@ -25,8 +26,16 @@ def register(sub) -> None:
     p.add_argument("--data", metavar="DATA",
                    help="a folder with train/ and val/ (or test/) class folders, or digits (offline, "
                         "scikit-learn's 8x8 digits: a quick first run), or cifar10")
+    p.add_argument("--task", choices=("classify", "segment"), default=None,
+                   help="classify (default) or segment: --data is then a mask-folder (classes.txt, "
+                        "{train,val}/images, {train,val}/masks) or Pascal VOC folder, --weights the backbone")
+    p.add_argument("--head", choices=("lraspp", "lraspp-torchvision"), default=None,
+                   help="segmentation head (default lraspp, the paper's)")
+    p.add_argument("--ignore-index", type=int, default=None,
+                   help="segmentation: the mask value that is not a class (default 255; CamVid's void is 11)")
     p.add_argument("--arch", metavar="ARCH",
-                   help="network (default mobilenet_v3_small); may be left out when --weights carries it")
+                   help="network (default mobilenet_v3_small; mobilenet_v3_large for --task segment); may "
+                        "be left out when --weights carries it")
     p.add_argument("--width", type=float, help="width multiplier for a preset --arch (default 1.0)")
     p.add_argument("--weights", metavar="SOURCE",
                    help="start from these weights (model file, torchvision/timm state dict, TFLite, URL, "
@@ -60,6 +69,10 @@ def register(sub) -> None:
         if f.type in ("bool", bool):
             group.add_argument(flag, dest=f"recipe_{f.name}", action=argparse.BooleanOptionalAction,
                                default=None, help=HELP.get(f.name))
+        elif f.name == "resolution":
+            group.add_argument(flag, dest=f"recipe_{f.name}", metavar="N|HxW", default=None,
+                               help=HELP.get(f.name) + " (HxW for --task segment; default: the first "
+                                    "training image's size)")
         else:
             group.add_argument(flag, dest=f"recipe_{f.name}", metavar=f.name.split("_")[-1].upper(),
                                default=None, help=HELP.get(f.name))
@@ -96,6 +109,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise TrainError(f"{os.path.join(args.out, 'checkpoint.pt')}: no checkpoint to resume from; "
                          "start the run without --resume")
     earlier = run_inputs(args.out) if args.resume and args.out else {}
+    if (args.task or earlier.get("task")) == "segment":
+        return _train_segment(args, earlier)
     data = args.data or earlier.get("data")
     if not data:
         raise TrainError("--data is required: an image folder with train/ and val/, digits, or cifar10")
@@ -134,6 +149,61 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"model written to {result.model_path}")
         if result.skipped:
             print(f"{result.skipped} unreadable training image(s) were skipped (see the log above)")
+    if main and args.json and result.model_path is not None:
+        emit_json(result.as_dict())
+    return 0
+
+
+def _train_segment(args: argparse.Namespace, earlier: dict) -> int:
+    from mnv3.data.masks import open_masks
+    from mnv3.files import check_writable
+    from mnv3.heads import parse_resolution
+    from mnv3.train.classify import saved_recipe
+    from mnv3.train.engine import TrainError
+    from mnv3.train.segment import train_segment
+
+    data = args.data or earlier.get("data")
+    if not data:
+        raise TrainError("--data is required: a mask-folder data set (classes.txt, train/images, train/masks, "
+                         "val/...) or a Pascal VOC folder")
+    size = None
+    if args.recipe_resolution is not None:
+        parsed = parse_resolution(args.recipe_resolution)
+        size = parsed if isinstance(parsed, tuple) else (parsed, parsed)
+        args.recipe_resolution = None
+    elif earlier.get("size"):
+        size = tuple(earlier["size"])
+    ignore = args.ignore_index if args.ignore_index is not None else earlier.get("ignore_index", 255)
+    head = args.head or earlier.get("head") or "lraspp"
+    arch = args.arch or earlier.get("arch")
+    if args.width is not None:
+        from mnv3.presets import resolve_arch
+
+        arch = resolve_arch(arch or "mobilenet_v3_large", args.width)
+    weights = args.weights or earlier.get("weights")
+    data_set = open_masks(data, ignore)
+    if args.recipe:
+        recipe = load_recipe(args.recipe)
+    elif args.resume and saved_recipe(args.out) is not None:
+        recipe = saved_recipe(args.out)
+    else:
+        recipe = load_recipe("segment")
+    recipe = recipe.override(_overrides(args))
+    arch_name = getattr(arch, "name", arch) or ("weights" if weights else "mobilenet_v3_large")
+    out = args.out or f"runs/{data_set.name}-{head}-{str(arch_name).rsplit('/', 1)[-1].removesuffix('.json')}"
+    if not args.out:
+        check_writable(out, kind="dir", flag="--out")
+    main = os.environ.get("RANK", "0") == "0"
+    if main:
+        print(f"training {arch_name} + {head} on {data_set.name} ({len(data_set.train)} train / "
+              f"{len(data_set.val)} val images, {len(data_set.classes)} classes) with recipe {recipe.name} "
+              f"-> {out}", file=sys.stderr)
+    result = train_segment(data_set, out, head=head, size=size, arch=arch, weights=weights, recipe=recipe,
+                           resume=args.resume, workers=args.workers, checkpoint_steps=args.checkpoint_steps,
+                           progress=not args.no_progress, device=args.device)
+    if main and result.model_path is not None:
+        print(f"mIoU {result.metrics.get('val_miou', 0):.4f}, pixel accuracy "
+              f"{result.metrics.get('val_pixel_acc', 0):.4f}; model written to {result.model_path}")
     if main and args.json and result.model_path is not None:
         emit_json(result.as_dict())
     return 0

@@ -274,7 +274,9 @@ def collate(items):
     errors = [err for _, _, err in items if err is not None]
     if not good:
         return None, None, errors
-    return torch.stack([x for x, _ in good]), torch.tensor([y for _, y in good]), errors
+    labels = [y for _, y in good]
+    targets = torch.stack(labels) if isinstance(labels[0], torch.Tensor) else torch.tensor(labels)
+    return torch.stack([x for x, _ in good]), targets, errors
 
 
 class EpochBatches(torch.utils.data.Sampler):

@@ -95,17 +95,21 @@ def latency_model(spec_or_model: ArchSpec | nn.Module, batch: int = 1, num_class
     zero block after block, and some CPUs slow down on them. One forward pass in training mode on
     random images sets the batch-norm statistics so that every layer's output stays near unit scale."""
     if isinstance(spec_or_model, ArchSpec):
-        model = build(spec_or_model, num_classes)
-        bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
         res = spec_or_model.resolution
-        with torch.no_grad():
-            for bn in bns:
-                bn.momentum = None      # cumulative average: one batch sets the statistics
-            # 16 images: at low resolution the last maps are 1x1, and fewer samples give wild statistics.
-            model.train()(torch.randn(max(16, batch), spec_or_model.in_channels, res, res,
-                                      generator=torch.Generator().manual_seed(0)))
-        return model.eval()
+        # 16 images: at low resolution the last maps are 1x1, and fewer samples give wild statistics.
+        return calibrate_batchnorm(build(spec_or_model, num_classes),
+                                   (max(16, batch), spec_or_model.in_channels, res, res))
     return spec_or_model.eval()
+
+
+def calibrate_batchnorm(model: nn.Module, input_shape: tuple[int, ...]) -> nn.Module:
+    """Batch-norm statistics from one forward pass in training mode on random images of
+    `input_shape`, so that an untrained model's activations keep their scale (see latency_model)."""
+    with torch.no_grad():
+        for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+            bn.momentum = None      # cumulative average: one batch sets the statistics
+        model.train()(torch.randn(*input_shape, generator=torch.Generator().manual_seed(0)))
+    return model.eval()
 
 
 def _example_input(model: nn.Module, batch: int, resolution: int | None,
@@ -288,7 +292,7 @@ def export_onnx(model: nn.Module, x: torch.Tensor | tuple[torch.Tensor, ...], pa
         try:
             torch.onnx.export(model, args, str(path), dynamo=False, opset_version=17, **names)
         except (TypeError, ImportError):     # the TorchScript exporter is gone from this torch
-            torch.onnx.export(model, args, str(path), dynamo=True, **names)
+            torch.onnx.export(model, args, str(path), dynamo=True, external_data=False, **names)
     return path
 
 

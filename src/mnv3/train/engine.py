@@ -89,8 +89,10 @@ class TrainResult:
     skipped: int
 
     def as_dict(self) -> dict[str, Any]:
-        return {"top1": self.metrics.get("val_top1"), "top5": self.metrics.get("val_top5"),
-                "model": str(self.model_path) if self.model_path else None, "run": str(self.run_dir),
+        scores = {"top1": self.metrics.get("val_top1"), "top5": self.metrics.get("val_top5")}
+        if "val_miou" in self.metrics:
+            scores = {"miou": self.metrics["val_miou"], "pixel_acc": self.metrics.get("val_pixel_acc")}
+        return {**scores, "model": str(self.model_path) if self.model_path else None, "run": str(self.run_dir),
                 "epochs": len(self.history), "skipped_images": self.skipped}
 
 
@@ -119,9 +121,11 @@ class Ema:
 class Trainer:
     def __init__(self, model: nn.Module, data: ClassificationData, recipe: Recipe, options: RunOptions,
                  task: Task, dist: Dist, pre, identity: dict[str, Any],
-                 save_model=None) -> None:
+                 save_model=None, sets: tuple[Any, Any] | None = None) -> None:
         """`pre`: the Preprocess used for training and evaluation. `identity`: what must match for
-        a resume (spec, classes, ...). `save_model(module, path, metrics)` writes the final model."""
+        a resume (spec, classes, ...). `save_model(module, path, metrics)` writes the final model.
+        `sets`: the (training, validation) datasets of a task whose samples are not classification
+        images (segmentation: image and mask); each item is (input, target, error or None)."""
         self.model, self.data, self.recipe, self.opts = model, data, recipe, options
         self.task, self.dist, self.pre, self.identity, self.save_model = task, dist, pre, identity, save_model
         self.out = Path(options.out)
@@ -136,8 +140,11 @@ class Trainer:
                              "processes; use a multiple of the process count")
         if recipe.amp == "fp16" and dist.device.type != "cuda":
             raise TrainError("amp fp16 needs a CUDA device; on the CPU use --amp bf16")
-        self.train_set = TrainSet(data.train, pre, recipe.augment, recipe.min_scale, recipe.hflip, recipe.seed)
-        self.val_set = EvalSet(data.val, pre)
+        if sets is not None:
+            self.train_set, self.val_set = sets
+        else:
+            self.train_set = TrainSet(data.train, pre, recipe.augment, recipe.min_scale, recipe.hflip, recipe.seed)
+            self.val_set = EvalSet(data.val, pre)
         self._writer = None
 
     # -- set-up ----------------------------------------------------------------------------------
@@ -149,7 +156,7 @@ class Trainer:
         if d.active and r.sync_bn:
             convert_sync_bn(model, d.device)
         self.frozen = [m for name, m in model.named_children()
-                       if r.freeze_backbone and name in ("stem", "blocks", "last_conv")]
+                       if r.freeze_backbone and name in ("stem", "blocks", "last_conv", "backbone")]
         for m in self.frozen:
             m.requires_grad_(False)
         if r.freeze_backbone and not self.frozen:
@@ -439,7 +446,8 @@ class Trainer:
             sums = stats if sums is None else [a + b for a, b in zip(sums, stats)]
         model.train(was_training)
         if sums is None:       # this process read nothing: as many zeros as the task's statistics
-            sums = [0.0] * (len(self.task.metrics([0.0] * 8, "val")) + 1)
+            count = getattr(self.task, "eval_stat_count", None) or len(self.task.metrics([0.0] * 8, "val"))
+            sums = [0.0] * (count + 1)
         total = d.sum([*sums, float(skipped)])
         if self.opts.strict and total[-1]:
             raise DataError(f"{int(total[-1])} validation image(s) unreadable (--strict)")
@@ -612,10 +620,14 @@ def write_curves(history: list[dict[str, Any]], path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
     for key, label in (("train_loss", "train"), ("val_loss", "validation")):
         left.plot(epochs, [h.get(key, math.nan) for h in history], marker="o", label=label)
-    for key, label in (("train_top1", "train"), ("val_top1", "validation"), ("val_top5", "val top-5")):
+    segment = any("val_miou" in h for h in history)
+    curves = ((("train_pixel_acc", "train pixel acc."), ("val_pixel_acc", "val pixel acc."), ("val_miou", "val mIoU"))
+              if segment else (("train_top1", "train"), ("val_top1", "validation"), ("val_top5", "val top-5")))
+    for key, label in curves:
         right.plot(epochs, [h.get(key, math.nan) for h in history], marker="o", label=label)
     left.set(xlabel="epoch", ylabel="loss", title="loss")
-    right.set(xlabel="epoch", ylabel="accuracy", title="top-1 / top-5", ylim=(0, 1))
+    right.set(xlabel="epoch", ylabel="accuracy", title="pixel accuracy / mIoU" if segment else "top-1 / top-5",
+              ylim=(0, 1))
     for ax in (left, right):
         ax.grid(alpha=0.3)
         ax.legend()

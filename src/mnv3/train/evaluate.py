@@ -65,3 +65,100 @@ def predict(model: MobileNet, image: str | Path, k: int = 5) -> list[tuple[str, 
     values, indices = probs.topk(min(k, probs.numel()))
     return [((meta.classes[i] if meta.classes else str(i)), meta.label(i), float(v))
             for v, i in zip(values.tolist(), indices.tolist())]
+
+
+# -- segmentation -----------------------------------------------------------------------------------
+@dataclass
+class SegEvalResult:
+    miou: float
+    pixel_acc: float
+    per_class: dict[str, float]
+    images: int
+
+    def as_dict(self) -> dict:
+        return {"miou": self.miou, "pixel_acc": self.pixel_acc, "per_class": self.per_class, "images": self.images}
+
+
+@torch.inference_mode()
+def evaluate_segmentation(model, data: str | Path, ignore_index: int | None = None, batch_size: int = 8,
+                          workers: int = 0, progress: bool = True) -> SegEvalResult:
+    """mIoU, per-class IoU and pixel accuracy of a segmentation model on the validation split of a
+    mask data set, from one confusion matrix over the split, at the model's resolution."""
+    from tqdm import tqdm
+
+    from mnv3.data.masks import SegEvalSet, open_masks
+    from mnv3.train.segment import confusion, scores
+
+    meta = model_meta(model)
+    if ignore_index is None:
+        ignore_index = int((meta.training or {}).get("ignore_index", 255))
+    data_set = open_masks(data, ignore_index)
+    n = model.num_classes
+    if len(data_set.classes) != n:
+        raise DataError(f"{data}: {len(data_set.classes)} classes in classes.txt but the model predicts {n}")
+    names = tuple(meta.class_names) if meta.class_names else data_set.classes
+    if meta.class_names and tuple(meta.class_names) != tuple(data_set.classes):
+        print(f"note: the model's class names differ from {data}'s classes.txt; scoring by index",
+              file=sys.stderr)
+    dataset = SegEvalSet(data_set.val, meta.preprocess, tuple(model.head_spec.resolution))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
+    model.eval()
+    matrix = torch.zeros(n, n, dtype=torch.int64)
+    seen = 0
+    for x, y, errors in tqdm(loader, desc="eval", unit="batch", disable=not progress, file=sys.stderr):
+        if errors:
+            raise DataError(errors[0])
+        matrix += confusion(model(x).argmax(1), y, n, ignore_index)
+        seen += len(y)
+    s = scores(matrix, names)
+    return SegEvalResult(s["miou"], s["pixel_acc"], s["per_class"], seen)
+
+
+def palette(n: int):
+    """n distinct RGB colours (Pascal VOC's bit-interleaved palette), uint8 (n, 3)."""
+    import numpy as np
+
+    colours = np.zeros((max(n, 1), 3), dtype=np.uint8)
+    for i in range(n):
+        c, r, g, b = i, 0, 0, 0
+        for bit in range(8):
+            r |= ((c >> 0) & 1) << (7 - bit)
+            g |= ((c >> 1) & 1) << (7 - bit)
+            b |= ((c >> 2) & 1) << (7 - bit)
+            c >>= 3
+        colours[i] = (r, g, b)
+    return colours
+
+
+@torch.inference_mode()
+def predict_mask(model, image: str | Path):
+    """(class-index mask at the image's own size, uint8 HxW; the RGB image): the image resized to
+    the model's resolution, the logits resized back to the image."""
+    import numpy as np
+    import torch.nn.functional as F
+    from PIL import Image
+
+    meta = model_meta(model)
+    img = load_image(image)
+    h, w = model.head_spec.resolution
+    x = torch.from_numpy(np.asarray(img.resize((w, h), Image.BILINEAR), dtype=np.float32).copy())
+    x = x.permute(2, 0, 1)[None].div_(255.0)
+    x = (x - torch.tensor(meta.preprocess.mean).view(1, 3, 1, 1)) / torch.tensor(meta.preprocess.std).view(1, 3, 1, 1)
+    logits = model.eval()(x)
+    logits = F.interpolate(logits, size=(img.height, img.width), mode="bilinear", align_corners=False)
+    return logits.argmax(1)[0].to(torch.uint8).numpy(), img
+
+
+def write_mask_pngs(mask, img, out: Path, stem: str, num_classes: int) -> tuple[Path, Path]:
+    """`stem`_mask.png (colour mask) and `stem`_overlay.png (the image, half covered by it)."""
+    import numpy as np
+    from PIL import Image
+
+    from mnv3.files import atomic_write
+
+    colours = palette(num_classes)[mask]
+    overlay = (0.5 * np.asarray(img, dtype=np.float32) + 0.5 * colours).astype(np.uint8)
+    paths = out / f"{stem}_mask.png", out / f"{stem}_overlay.png"
+    for path, pixels in zip(paths, (colours, overlay)):
+        atomic_write(path, lambda tmp, p=pixels: Image.fromarray(p).save(tmp, format="PNG"))
+    return paths

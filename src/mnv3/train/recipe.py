@@ -19,7 +19,7 @@ from typing import Any
 from mnv3.data.datasets import AUGMENTS
 
 OPTIMIZERS = ("sgd", "rmsprop", "adamw")
-SCHEDULES = ("cosine", "step", "constant")
+SCHEDULES = ("cosine", "step", "constant", "poly")
 AMP_MODES = ("none", "bf16", "fp16")
 # The warm-up lasts warmup_epochs, but at most this fraction of the run: a short run spends its few
 # steps learning rather than warming up (3 epochs of digits are 135 steps).
@@ -55,6 +55,7 @@ class Recipe:
     decay_epochs: float = 3.0        # step schedule: multiply by decay_rate every decay_epochs
     decay_rate: float = 0.99
     min_lr: float = 0.0              # cosine schedule: the final rate, as a fraction of the peak
+    poly_power: float = 0.9          # poly schedule: peak x (1 - t)^power (DeepLab's, for segmentation)
     label_smoothing: float = 0.0
     dropout: float | None = None     # None keeps the network spec's dropout
     bn_momentum: float | None = None # None keeps the spec's (0.01, TF's 0.99 decay: slow for short runs)
@@ -67,6 +68,8 @@ class Recipe:
     augment: str = "rrc"             # rrc: random resized crop; padcrop: padded random crop; none
     min_scale: float = 0.08          # smallest crop area for rrc
     hflip: bool = True
+    seg_min_scale: float = 0.5       # segmentation: random rescale of the image and mask, as a factor
+    seg_max_scale: float = 2.0       # of the training size, before the random crop
     crop_pct: float = 0.875          # evaluation: resize to resolution / crop_pct, center crop
     resolution: int | None = None    # None: the data set's size for small images, else the network's
     freeze_backbone: bool = False
@@ -98,6 +101,8 @@ class Recipe:
             raise RecipeError(f"recipe {self.name!r}: decay_rate must be in (0, 1] and decay_epochs > 0")
         if not 0 < self.min_scale <= 1 or not 0 < self.crop_pct <= 1:
             raise RecipeError(f"recipe {self.name!r}: min_scale and crop_pct must be in (0, 1]")
+        if not 0 < self.seg_min_scale <= self.seg_max_scale or self.poly_power <= 0:
+            raise RecipeError(f"recipe {self.name!r}: need 0 < seg_min_scale <= seg_max_scale and poly_power > 0")
         if self.resolution is not None and self.resolution < 8:
             raise bad("resolution", "expected an integer >= 8 or null")
 
@@ -159,6 +164,8 @@ class Recipe:
             return peak * self.decay_rate ** math.floor((epoch - warmup) / self.decay_epochs)
         total = max(1e-9, self.epochs - warmup)
         t = min(1.0, (epoch - warmup) / total)
+        if self.schedule == "poly":
+            return peak * (1.0 - t) ** self.poly_power
         floor = peak * self.min_lr
         return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * t))
 
@@ -174,11 +181,12 @@ HELP = {
     "rmsprop_alpha": "RMSProp decay of the squared-gradient average",
     "rmsprop_eps": "RMSProp epsilon (added outside the square root, as torch does)",
     "weight_decay": "L2 weight decay on conv/linear weights",
-    "schedule": "cosine, step (x DECAY_RATE every DECAY_EPOCHS) or constant",
+    "schedule": "cosine, step (x DECAY_RATE every DECAY_EPOCHS), constant or poly",
     "warmup_epochs": "linear warm-up length in epochs (may be fractional; at most a tenth of the run)",
     "decay_epochs": "step schedule: epochs between decays",
     "decay_rate": "step schedule: factor applied at each decay",
     "min_lr": "cosine schedule: final rate as a fraction of the peak",
+    "poly_power": "poly schedule: rate = peak x (1 - progress)^POLY_POWER",
     "label_smoothing": "label smoothing of the cross-entropy",
     "dropout": "dropout before the classifier (none: keep the network's)",
     "bn_momentum": "batch-norm running-statistics momentum (none: keep the network's)",
@@ -191,6 +199,8 @@ HELP = {
     "augment": "rrc (random resized crop), padcrop (padded random crop, small images) or none",
     "min_scale": "rrc: smallest crop, as a fraction of the image area",
     "hflip": "random horizontal flips",
+    "seg_min_scale": "segmentation: smallest random rescale (x the training size) before the crop",
+    "seg_max_scale": "segmentation: largest random rescale (x the training size) before the crop",
     "crop_pct": "evaluation: resize to RESOLUTION / CROP_PCT, then center-crop",
     "resolution": "training and evaluation input size",
     "freeze_backbone": "train the head only (pre-logits and classifier); the backbone's BN stays frozen",

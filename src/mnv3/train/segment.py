@@ -1,0 +1,192 @@
+"""The segmentation task of the training engine: per-pixel cross-entropy with an ignore index, and
+metrics from one confusion matrix accumulated over the whole split (mIoU, per-class IoU, pixel
+accuracy), never a mean of per-image scores."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+
+
+def confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
+    """num_classes x num_classes counts, rows = true class, columns = predicted; ignored pixels and
+    pixels whose label is outside the classes are left out."""
+    keep = (target != ignore_index) & (target >= 0) & (target < num_classes)
+    index = target[keep] * num_classes + pred[keep]
+    return torch.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def scores(matrix: torch.Tensor, class_names: tuple[str, ...] | None = None) -> dict:
+    """mIoU over the classes that occur (in the labels or the predictions), per-class IoU (NaN for a
+    class that never occurs) and pixel accuracy."""
+    m = matrix.double()
+    tp = m.diag()
+    union = m.sum(0) + m.sum(1) - tp
+    iou = torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
+    present = union > 0
+    names = class_names or tuple(str(i) for i in range(len(tp)))
+    return {"miou": float(iou[present].mean()) if present.any() else float("nan"),
+            "pixel_acc": float(tp.sum() / m.sum().clamp(min=1)),
+            "per_class": {n: float(v) for n, v in zip(names, iou.tolist())}}
+
+
+class SegmentationTask:
+    name = "segment"
+
+    def __init__(self, num_classes: int, ignore_index: int = 255, class_names: tuple[str, ...] | None = None) -> None:
+        self.num_classes, self.ignore_index, self.class_names = num_classes, ignore_index, class_names
+        self.eval_stat_count = num_classes * num_classes + 2
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(outputs.float(), targets, ignore_index=self.ignore_index)
+
+    def train_stats(self, outputs: torch.Tensor, targets: torch.Tensor) -> list[float]:
+        keep = targets != self.ignore_index
+        return [float(((outputs.argmax(1) == targets) & keep).sum()), float(keep.sum())]
+
+    def eval_stats(self, outputs: torch.Tensor, targets: torch.Tensor) -> list[float]:
+        outputs = outputs.float()
+        loss = F.cross_entropy(outputs, targets, ignore_index=self.ignore_index, reduction="sum")
+        pixels = float((targets != self.ignore_index).sum())
+        matrix = confusion(outputs.argmax(1), targets, self.num_classes, self.ignore_index)
+        return [float(loss), pixels, *matrix.flatten().double().tolist()]
+
+    def metrics(self, sums: list[float], prefix: str) -> dict[str, float]:
+        if prefix == "train":
+            return {"train_pixel_acc": sums[0] / max(sums[1], 1.0)}
+        c = self.num_classes
+        loss, pixels = sums[0], max(sums[1], 1.0)
+        matrix = torch.tensor(sums[2:2 + c * c], dtype=torch.float64).reshape(c, c)
+        s = scores(matrix, self.class_names)
+        per_class = {f"val_iou_{name}": v for name, v in s["per_class"].items()}
+        return {"val_loss": loss / pixels, "val_miou": s["miou"], "val_pixel_acc": s["pixel_acc"], **per_class}
+
+
+# -- the run -------------------------------------------------------------------------------------------
+DEFAULT_SEGMENT_ARCH = "mobilenet_v3_large"
+
+
+def transfer_backbone(model, source) -> tuple[int, int]:
+    """Copy every backbone tensor of `source` (a classifier or a segmentation model) whose name and
+    shape fit `model.backbone`; returns (copied, not copied). The RF2 backbone's halved last stage
+    does not fit ImageNet weights and starts from its random initialisation."""
+    theirs = source.backbone.state_dict() if hasattr(source, "backbone") else source.state_dict()
+    ours = model.backbone.state_dict()
+    fit = {k: v for k, v in theirs.items() if k in ours and ours[k].shape == v.shape}
+    model.backbone.load_state_dict(fit, strict=False)
+    return len(fit), len([k for k in ours if k not in fit])
+
+
+def prepare_segmenter(data, recipe, head_kind: str, size: tuple[int, int], arch=None, weights: str | None = None,
+                      progress: bool = True):
+    """(Segmenter, Preprocess, note): from `weights` (any source the classifier importers take, or a
+    segmentation model file, whose head is kept when the classes match) or from `arch`."""
+    import dataclasses
+
+    from mnv3.heads import lraspp, segment_backbone
+    from mnv3.nn.lraspp import Segmenter, build_segmenter
+    from mnv3.presets import resolve_arch
+    from mnv3.weights import Preprocess, load, model_meta
+
+    torch.manual_seed(recipe.seed)
+    n = len(data.classes)
+    source, mean_std, note = None, Preprocess(), "from scratch"
+    if weights:
+        source = load(weights, arch, progress=progress)
+        base, mean_std = source.spec, model_meta(source).preprocess
+    else:
+        base = resolve_arch(arch or DEFAULT_SEGMENT_ARCH)
+    if recipe.bn_momentum is not None:
+        base = base.replace(bn_momentum=recipe.bn_momentum)
+    if isinstance(source, Segmenter):
+        kind = source.head_spec.kind
+        head = source.head_spec.replace(num_classes=n, resolution=size)
+        spec = base.replace(resolution=min(size))
+    else:
+        kind = head_kind
+        spec = segment_backbone(base, kind, size)
+        head = lraspp(kind, n, size)
+    model = build_segmenter(spec, head)
+    if isinstance(source, Segmenter) and source.num_classes == n and source.head_spec.kind == kind:
+        model.load_state_dict(source.state_dict())
+        note = f"continued from {weights} (backbone and head)"
+    elif source is not None:
+        copied, fresh = transfer_backbone(model, source)
+        if copied == 0:
+            from mnv3.train.engine import TrainError
+
+            raise TrainError(f"--weights {weights}: no backbone tensor fits {spec.name}; pass the backbone "
+                             "these weights were trained for (--arch)")
+        note = f"backbone from {weights}: {copied} tensors copied, {fresh} new (head and any changed layers)"
+    pre = dataclasses.replace(mean_std, resolution=size[0], resize=size[0])
+    return model, pre, note
+
+
+def segment_identity(model, data) -> dict:
+    return {"task": "segment", "spec": model.spec.to_json(indent=None), "head": model.head_spec.to_json(),
+            "num_classes": model.num_classes, "classes": list(data.classes), "data": data.fingerprint(),
+            "data_ref": data.ref or data.source, "ignore_index": data.ignore_index}
+
+
+def train_segment(data, out, *, head: str = "lraspp", size: tuple[int, int] | None = None, arch=None,
+                  weights: str | None = None, recipe=None, resume: bool = False, ignore_index: int = 255,
+                  workers: int = 0, checkpoint_steps: int = 500, progress: bool = True,
+                  tensorboard: bool = True, device: str = "auto"):
+    """Train an LR-ASPP segmentation model on a mask data set (see `mnv3.data.masks`) and write the
+    run folder `out` as classification training does (recipe, metrics, curves, checkpoint, model)."""
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from PIL import Image
+
+    from mnv3.data.masks import SegEvalSet, SegmentationData, SegTrainSet, open_masks
+    from mnv3.files import atomic_write_text
+    from mnv3.train.distributed import setup, teardown
+    from mnv3.train.engine import RunOptions, Trainer, TrainError
+    from mnv3.train.recipe import load_recipe
+    from mnv3.weights import ModelMeta, save
+
+    recipe = recipe or load_recipe("segment")
+    out = Path(out)
+    if resume and not out.is_dir():
+        raise TrainError(f"{out}: no such run folder to resume")
+    if not resume and ((out / "checkpoint.pt").exists() or (out / "model.safetensors").exists()):
+        raise TrainError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+    data_set = data if isinstance(data, SegmentationData) else open_masks(data, ignore_index)
+    if size is None:
+        with Image.open(data_set.train.images[0]) as img:
+            size = (img.height, img.width)           # the data's own size
+    d = setup(device)
+    try:
+        model, pre, note = prepare_segmenter(data_set, recipe, head, size, arch, weights, progress and d.main)
+        if d.main:
+            print(f"{model.spec.name} + {model.head_spec.kind} at {size[0]}x{size[1]}, "
+                  f"{len(data_set.classes)} classes (ignore index {data_set.ignore_index}): {note}", file=sys.stderr)
+        if d.main and not resume:
+            out.mkdir(parents=True, exist_ok=True)
+            inputs = {"task": "segment", "data": data_set.ref or str(data), "head": head, "size": list(size),
+                      "arch": arch, "weights": weights, "ignore_index": data_set.ignore_index}
+            atomic_write_text(out / "run.json", json.dumps(inputs, indent=2) + "\n")
+
+        def save_model(module, path, metrics) -> None:
+            meta = ModelMeta(classes=tuple(data_set.classes), class_names=tuple(data_set.classes), preprocess=pre,
+                             source=weights, training={"recipe": recipe.name, "data": data_set.name,
+                                                       "epochs": recipe.epochs, "miou": metrics.get("val_miou"),
+                                                       "pixel_acc": metrics.get("val_pixel_acc"),
+                                                       "ignore_index": data_set.ignore_index})
+            save(module, path, meta)
+
+        sets = (SegTrainSet(data_set.train, pre, size, data_set.ignore_index,
+                            (recipe.seg_min_scale, recipe.seg_max_scale), recipe.hflip, recipe.seed),
+                SegEvalSet(data_set.val, pre, size))
+        options = RunOptions(out, resume=resume, workers=workers, checkpoint_steps=checkpoint_steps,
+                             progress=progress, tensorboard=tensorboard)
+        task = SegmentationTask(len(data_set.classes), data_set.ignore_index, tuple(data_set.classes))
+        trainer = Trainer(model, data_set, dataclasses.replace(recipe), options, task, d, pre,
+                          segment_identity(model, data_set), save_model, sets=sets)
+        return trainer.fit()
+    finally:
+        teardown(d)
