@@ -320,6 +320,28 @@ def test_voc_layout(tmp_path):
     assert set(np.unique(read_mask(data.val.masks[0])).tolist()) == {15, 255}
 
 
+def test_class_id_masks_through_a_class_map(tmp_path):
+    coco = CAMVID.parent / "coco128" / "semantic_segmentation"
+    data = open_masks(coco)
+    assert len(data.classes) == 129 and data.classes[0] == "person" and len(data.train) == 100
+    raw = read_mask(data.train.masks[0])
+    mapped = data.train.mask(0)
+    assert (mapped[raw == 0] == 255).all()                    # unlabeled: the ignore index
+    person = raw == 1
+    assert (mapped[person] == 0).all() and mapped.max() == 255 and (mapped[mapped != 255] < 129).all()
+    # a category id the map does not name is one error naming the mask
+    root = tmp_path / "ids"
+    (root / "img").mkdir(parents=True)
+    (root / "msk").mkdir()
+    photo = Image.open(min((CAMVID / "val" / "images").glob("*.jpg"))).convert("RGB").resize((40, 30))
+    photo.save(root / "img" / "x.jpg")
+    Image.fromarray(np.full((30, 40), 12, np.uint8)).save(root / "msk" / "x.png")
+    (root / "config.yaml").write_text("train: {images: img, masks: msk}\nval: {images: img, masks: msk}\n"
+                                      "classes: {0: unlabeled, 7: train, 9: boat}\n")
+    with pytest.raises(DataError, match=r"x\.png: category ids \[12\] are not in the class map"):
+        open_masks(root)
+
+
 # -- metrics ----------------------------------------------------------------------------------------
 def test_miou_from_one_confusion_matrix_with_the_ignore_index():
     target = torch.tensor([[0, 0, 1, 1], [2, 2, 255, 255]])

@@ -8,6 +8,12 @@ Layouts (`open_masks`):
   Pascal VOC     ROOT/JPEGImages, ROOT/SegmentationClass (palette PNGs: the palette index is the
                  class, 255 the border), ROOT/ImageSets/Segmentation/{train,val}.txt; the 21 VOC
                  classes
+  class-id masks ROOT/config.yaml (or the YAML file itself): `train: {images: DIR, masks: DIR}`,
+                 `val: {...}` (relative to the YAML's folder) and `classes: {id: name}`; mask values
+                 are category ids (COCO panoptic ids in ../shared/data/coco128/semantic_segmentation),
+                 mapped to class indices 0..K-1 in id order, and an `unlabeled`/`void` id to the
+                 ignore index. Every mask is paired with the image of its name; images without a
+                 mask are left out (and counted)
 
 Every mask is checked when the data set is opened, before any training: a missing mask, a mask
 whose size differs from its image, a mask that is not single-channel, or values that are neither a
@@ -35,18 +41,27 @@ VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "
                "train", "tvmonitor")
 
 
+UNKNOWN = 65535      # a category id the class map does not name
+
+
 @dataclass
 class MaskSamples:
-    """One split: image files and their masks, pair by pair."""
+    """One split: image files and their masks, pair by pair; `lut` maps the masks' values (category
+    ids) to class indices when they are not indices already."""
 
     images: list[Path]
     masks: list[Path]
+    lut: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.images)
 
     def describe(self, i: int) -> str:
         return str(self.images[i])
+
+    def mask(self, i: int) -> np.ndarray:
+        raw = read_mask(self.masks[i])
+        return raw if self.lut is None else self.lut[raw].astype(np.uint8)
 
 
 @dataclass
@@ -76,12 +91,17 @@ class SegmentationData:
 def open_masks(data: str | Path, ignore_index: int = 255, check: bool = True) -> SegmentationData:
     """A segmentation data set in either layout (see the module doc), every mask checked."""
     root = Path(data)
-    if not root.is_dir():
+    if not root.is_dir() and not (root.is_file() and root.suffix.lower() in (".yaml", ".yml")):
         raise DataError(f"--data {root}: no such folder; expected a mask-folder data set (classes.txt, "
-                        "train/images, train/masks, val/...) or a Pascal VOC folder (JPEGImages, ...)")
+                        "train/images, train/masks, val/...), a Pascal VOC folder (JPEGImages, ...) or a "
+                        "class-id mask set (config.yaml)")
     if not 0 <= ignore_index <= 255:
         raise DataError(f"--ignore-index: expected 0-255 (masks are 8-bit), got {ignore_index}")
-    if (root / "JPEGImages").is_dir() and (root / "SegmentationClass").is_dir():
+    if root.suffix.lower() in (".yaml", ".yml") and root.is_file():
+        data_set = _class_id_masks(root, ignore_index)
+    elif (root / "config.yaml").is_file():
+        data_set = _class_id_masks(root / "config.yaml", ignore_index)
+    elif (root / "JPEGImages").is_dir() and (root / "SegmentationClass").is_dir():
         data_set = _voc(root, ignore_index)
     else:
         data_set = _mask_folders(root, ignore_index)
@@ -151,6 +171,52 @@ def _voc(root: Path, ignore_index: int) -> SegmentationData:
     return SegmentationData(root.name, classes, split("train"), split("val"), ignore_index, source=str(root))
 
 
+def _class_id_masks(config: Path, ignore_index: int) -> SegmentationData:
+    import yaml
+
+    try:
+        spec = yaml.safe_load(config.read_text())
+    except Exception as exc:  # noqa: BLE001 - yaml raises its own error types
+        raise DataError(f"{config}: not valid YAML ({exc})") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("classes"), dict):
+        raise DataError(f"{config}: expected `classes: {{id: name}}` and train/val entries")
+    void = {int(k) for k, v in spec["classes"].items() if str(v).lower() in ("unlabeled", "unlabelled", "void")}
+    ids = sorted(int(k) for k in spec["classes"] if int(k) not in void)
+    if any(not 0 <= i <= 255 for i in ids):
+        raise DataError(f"{config}: class ids must be 0-255 to fit 8-bit masks")
+    lut = np.full(256, UNKNOWN, dtype=np.int64)
+    for index, category in enumerate(ids):
+        lut[category] = index
+    for category in void:
+        lut[category] = ignore_index
+    by_id = {int(k): str(v) for k, v in spec["classes"].items()}
+    names = tuple(by_id[i] for i in ids)
+
+    def split(name: str) -> MaskSamples:
+        entry = spec.get(name) or (spec.get("test") if name == "val" else None)
+        if not isinstance(entry, dict) or "images" not in entry or "masks" not in entry:
+            raise DataError(f"{config}: `{name}: {{images: DIR, masks: DIR}}` missing")
+        images_dir, masks_dir = config.parent / entry["images"], config.parent / entry["masks"]
+        for d in (images_dir, masks_dir):
+            if not d.is_dir():
+                raise DataError(f"{d}: no such folder (named in {config})")
+        by_stem = {p.stem: p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+        masks = sorted(masks_dir.glob("*.png"))
+        missing = [m for m in masks if m.stem not in by_stem]
+        if missing:
+            raise DataError(f"{missing[0]}: no image {missing[0].stem}.* in {images_dir}")
+        if not masks:
+            raise DataError(f"{masks_dir}: no masks (*.png)")
+        unlabelled = len(by_stem) - len(masks)
+        if unlabelled:
+            print(f"{name}: {unlabelled} of {len(by_stem)} images in {images_dir} have no mask and are left out",
+                  file=sys.stderr)
+        return MaskSamples([by_stem[m.stem] for m in masks], masks, lut)
+
+    return SegmentationData(config.parent.name, names, split("train"), split("val"), ignore_index,
+                            source=str(config))
+
+
 # -- masks -----------------------------------------------------------------------------------------
 def read_mask(path: Path) -> np.ndarray:
     """The class indices of a single-channel (L or palette) PNG, uint8 HxW."""
@@ -173,6 +239,11 @@ def check_masks(samples: MaskSamples, num_classes: int, ignore_index: int) -> No
     for image, mask_path in tqdm(list(zip(samples.images, samples.masks)), desc="checking masks", unit="mask",
                                  file=sys.stderr, leave=False, disable=len(samples) < 200):
         mask = read_mask(mask_path)
+        if samples.lut is not None:
+            unknown = sorted({int(v) for v in np.unique(mask) if samples.lut[v] == UNKNOWN})
+            if unknown:
+                raise DataError(f"{mask_path}: category ids {unknown[:10]} are not in the class map's classes")
+            mask = samples.lut[mask]
         try:
             with Image.open(image) as img:
                 size = img.size
@@ -219,7 +290,7 @@ class SegTrainSet(torch.utils.data.Dataset):
 
         try:
             img = load_image(self.samples.images[i])
-            mask = read_mask(self.samples.masks[i])
+            mask = self.samples.mask(i)
         except DataError as exc:
             return None, None, str(exc)
         image = tv_tensors.Image(torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1))
@@ -243,7 +314,7 @@ class SegEvalSet(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         try:
             img = load_image(self.samples.images[i])
-            mask = read_mask(self.samples.masks[i])
+            mask = self.samples.mask(i)
         except DataError as exc:
             return None, None, str(exc)
         h, w = self.size

@@ -76,6 +76,11 @@ class Segmenter(nn.Module):
                     nn.init.kaiming_normal_(m.weight, mode="fan_out")
                     if m.bias is not None:
                         nn.init.zeros_(m.bias)
+            # The two class layers start small, as a classifier's does: on an ImageNet backbone's
+            # unnormalised features (120-960 channels of magnitude ~1-10) a He-initialised 1x1 conv
+            # gives logits in the tens, a first loss near 80 and a diverging first epoch.
+            for conv in (self.classifier.low_classifier, self.classifier.high_classifier):
+                nn.init.normal_(conv.weight, 0, 0.01)
 
     @property
     def fused(self) -> bool:
