@@ -3,6 +3,7 @@ and `mnv3 search` end to end (resume after SIGKILL, bad input)."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -320,10 +321,15 @@ def test_search_resumes_after_sigkill(space_file, tmp_path):
         deadline = time.time() + 300
         while time.time() < deadline:       # kill it while trial 1 trains, after trial 0 finished
             try:
-                states = finished_trials(db) if db.exists() else []
+                with sqlite3.connect(db) if db.exists() else contextlib.nullcontext() as conn:
+                    genes = dict(conn.execute(
+                        "select t.state || t.number, count(p.param_id) from trials t left join trial_params p "
+                        "on p.trial_id = t.trial_id group by t.trial_id").fetchall()) if conn else {}
             except sqlite3.OperationalError:  # the tables are being created
-                states = []
-            if any(s == "COMPLETE" for _, s in states) and any(s == "RUNNING" for _, s in states):
+                genes = {}
+            complete = [n for k, n in genes.items() if k.startswith("COMPLETE")]
+            # training, not still drawing its genes (a trial killed with no genes has nothing to retry)
+            if complete and any(k.startswith("RUNNING") and n == complete[0] for k, n in genes.items()):
                 break
             time.sleep(0.2)
         else:

@@ -93,10 +93,35 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
     return changes
 
 
+def _recipe_and_out(args: argparse.Namespace, default_recipe: str, data_set, arch_name: str,
+                    head: str | None = None) -> tuple[Recipe, str, bool]:
+    """The recipe (--recipe, the resumed run's, or `default_recipe`, with the flags applied), the run
+    folder (--out, or runs/DATA-[HEAD-]ARCH) and whether this is the process that reports."""
+    from mnv3.files import check_writable
+    from mnv3.train.classify import saved_recipe
+
+    if args.recipe:
+        recipe = load_recipe(args.recipe)
+    elif args.resume and saved_recipe(args.out) is not None:
+        recipe = saved_recipe(args.out)
+    else:
+        recipe = load_recipe(default_recipe)
+    recipe = recipe.override(_overrides(args))
+    name = str(arch_name).rsplit("/", 1)[-1].removesuffix(".json")
+    out = args.out or f"runs/{data_set.name}-{head + '-' if head else ''}{name}"
+    if not args.out:
+        check_writable(out, kind="dir", flag="--out")
+    main = os.environ.get("RANK", "0") == "0"
+    if main:
+        what = f"{arch_name} + {head}" if head else arch_name
+        print(f"training {what} on {data_set.name} ({len(data_set.train)} train / {len(data_set.val)} val "
+              f"images, {len(data_set.classes)} classes) with recipe {recipe.name} -> {out}", file=sys.stderr)
+    return recipe, out, main
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from mnv3.data.datasets import open_data
-    from mnv3.files import check_writable
-    from mnv3.train.classify import run_inputs, saved_recipe, train
+    from mnv3.train.classify import run_inputs, train
     from mnv3.train.engine import TrainError
     from mnv3.train.threads import apply_threads
 
@@ -126,21 +151,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     weights = args.weights or earlier.get("weights")
     total_stride = args.total_stride or earlier.get("total_stride")
     data_set = open_data(data)
-    if args.recipe:
-        recipe = load_recipe(args.recipe)
-    elif args.resume and saved_recipe(args.out) is not None:
-        recipe = saved_recipe(args.out)
-    else:
-        recipe = load_recipe("finetune" if weights else "cifar" if data_set.resolution else "paper")
-    recipe = recipe.override(_overrides(args))
-    arch_name = getattr(arch, "name", arch) or ("weights" if weights else "mobilenet_v3_small")
-    out = args.out or f"runs/{data_set.name}-{arch_name.rsplit('/', 1)[-1].removesuffix('.json')}"
-    if not args.out:
-        check_writable(out, kind="dir", flag="--out")
-    main = os.environ.get("RANK", "0") == "0"
-    if main:
-        print(f"training {arch_name} on {data_set.name} ({len(data_set.train)} train / {len(data_set.val)} val "
-          f"images, {len(data_set.classes)} classes) with recipe {recipe.name} -> {out}", file=sys.stderr)
+    recipe, out, main = _recipe_and_out(
+        args, "finetune" if weights else "cifar" if data_set.resolution else "paper", data_set,
+        getattr(arch, "name", arch) or ("weights" if weights else "mobilenet_v3_small"))
     result = train(data_set, out, arch=arch, weights=weights, recipe=recipe, resume=args.resume,
                    total_stride=total_stride, workers=args.workers, checkpoint_steps=args.checkpoint_steps,
                    strict=args.strict, progress=not args.no_progress, device=args.device)
@@ -156,9 +169,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _train_segment(args: argparse.Namespace, earlier: dict) -> int:
     from mnv3.data.masks import open_masks
-    from mnv3.files import check_writable
     from mnv3.heads import parse_resolution
-    from mnv3.train.classify import saved_recipe
     from mnv3.train.engine import TrainError
     from mnv3.train.segment import train_segment
 
@@ -182,22 +193,9 @@ def _train_segment(args: argparse.Namespace, earlier: dict) -> int:
         arch = resolve_arch(arch or "mobilenet_v3_large", args.width)
     weights = args.weights or earlier.get("weights")
     data_set = open_masks(data, ignore)
-    if args.recipe:
-        recipe = load_recipe(args.recipe)
-    elif args.resume and saved_recipe(args.out) is not None:
-        recipe = saved_recipe(args.out)
-    else:
-        recipe = load_recipe("segment")
-    recipe = recipe.override(_overrides(args))
-    arch_name = getattr(arch, "name", arch) or ("weights" if weights else "mobilenet_v3_large")
-    out = args.out or f"runs/{data_set.name}-{head}-{str(arch_name).rsplit('/', 1)[-1].removesuffix('.json')}"
-    if not args.out:
-        check_writable(out, kind="dir", flag="--out")
-    main = os.environ.get("RANK", "0") == "0"
-    if main:
-        print(f"training {arch_name} + {head} on {data_set.name} ({len(data_set.train)} train / "
-              f"{len(data_set.val)} val images, {len(data_set.classes)} classes) with recipe {recipe.name} "
-              f"-> {out}", file=sys.stderr)
+    recipe, out, main = _recipe_and_out(
+        args, "segment", data_set, getattr(arch, "name", arch) or ("weights" if weights else "mobilenet_v3_large"),
+        head)
     result = train_segment(data_set, out, head=head, size=size, arch=arch, weights=weights, recipe=recipe,
                            resume=args.resume, workers=args.workers, checkpoint_steps=args.checkpoint_steps,
                            progress=not args.no_progress, device=args.device)

@@ -260,7 +260,21 @@ def check_masks(samples: MaskSamples, num_classes: int, ignore_index: int) -> No
 
 
 # -- samples as tensors ----------------------------------------------------------------------------
-class SegTrainSet(torch.utils.data.Dataset):
+class _PairSet(torch.utils.data.Dataset):
+    samples: MaskSamples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def pair(self, i: int):
+        """(RGB image, class-index mask) of sample i, or the DataError's message."""
+        try:
+            return load_image(self.samples.images[i]), self.samples.mask(i)
+        except DataError as exc:
+            return str(exc)
+
+
+class SegTrainSet(_PairSet):
     """Jointly augmented (image, mask) pairs at `size` (h, w): random scale of the target size
     (`scale`), random crop (padded with the ignore index where the image is smaller), random
     horizontal flip; each sample under its own seed, as the classification TrainSet."""
@@ -280,19 +294,15 @@ class SegTrainSet(torch.utils.data.Dataset):
                   v2.Normalize(pre.mean, pre.std)]
         self.transform = v2.Compose(steps)
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
     def __getitem__(self, i: int):
         from torchvision import tv_tensors
 
         from mnv3.data.datasets import sample_seed
 
-        try:
-            img = load_image(self.samples.images[i])
-            mask = self.samples.mask(i)
-        except DataError as exc:
-            return None, None, str(exc)
+        pair = self.pair(i)
+        if isinstance(pair, str):
+            return None, None, pair
+        img, mask = pair
         image = tv_tensors.Image(torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1))
         target = tv_tensors.Mask(torch.from_numpy(mask))
         with torch.random.fork_rng(devices=[]):
@@ -301,22 +311,18 @@ class SegTrainSet(torch.utils.data.Dataset):
         return x.as_subclass(torch.Tensor), y.as_subclass(torch.Tensor).long(), None
 
 
-class SegEvalSet(torch.utils.data.Dataset):
+class SegEvalSet(_PairSet):
     """(image, mask) resized to `size` (h, w): bilinear for the image, nearest for the mask; the
     metrics are computed at the model's resolution."""
 
     def __init__(self, samples: MaskSamples, pre: Preprocess, size: tuple[int, int]) -> None:
         self.samples, self.pre, self.size = samples, pre, size
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
     def __getitem__(self, i: int):
-        try:
-            img = load_image(self.samples.images[i])
-            mask = self.samples.mask(i)
-        except DataError as exc:
-            return None, None, str(exc)
+        pair = self.pair(i)
+        if isinstance(pair, str):
+            return None, None, pair
+        img, mask = pair
         h, w = self.size
         if img.size != (w, h):
             img = img.resize((w, h), Image.BILINEAR)
