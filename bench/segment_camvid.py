@@ -11,7 +11,7 @@ paper's head at least as accurate as torchvision's.
 Each head's run lives in bench/results/segment_camvid/<head>/ and resumes when the script is run
 again (a finished run is read back, not trained again).
 
-    python bench/segment_camvid.py [--epochs 10] [--batch 8] [--lr 0.02] [--size 360x480]
+    python bench/segment_camvid.py [--epochs 8] [--batch 8] [--lr 0.005] [--size 360x480]
                                    [--heads lraspp lraspp-torchvision] [--runs 50]
 """
 
@@ -94,9 +94,9 @@ def plot(rows: list[dict], path, size: tuple[int, int]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=0.02, help="learning rate at --batch")
+    ap.add_argument("--lr", type=float, default=0.005, help="learning rate at --batch")
     ap.add_argument("--size", default="360x480")
     ap.add_argument("--heads", nargs="+", default=["lraspp", "lraspp-torchvision"])
     ap.add_argument("--runs", type=int, default=50)

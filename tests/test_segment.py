@@ -448,3 +448,34 @@ def test_segment_cli_bad_input_is_one_line(camvid_tiny, tmp_path, capsys):
     code, _, err = run(capsys, "eval", "--weights", model, "--data", camvid_tiny, "--ignore-index", "11",
                        "--no-progress")
     assert code == 2 and "11 classes in classes.txt but the model predicts 5" in err
+
+
+def test_folded_batchnorm_backbone_gets_statistics_and_keeps_its_function(camvid_tiny, tmp_path):
+    """A backbone imported from TFLite carries BN folded into its convolutions (identity BN + bias):
+    its statistics are estimated on training images, without changing what the backbone computes;
+    the segmenter's new layers keep their own."""
+    from mnv3.train.classify import has_folded_batchnorm
+    from mnv3.train.segment import prepare_segmenter
+
+    source = build(resolve_arch("mobilenet_v3_small", 0.35), 10).eval()
+    g = torch.Generator().manual_seed(1)
+    for m in source.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.zero_()
+            m.running_var.fill_(1 - m.eps)
+            m.weight.data.fill_(1.0)
+            m.bias.data.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+    assert has_folded_batchnorm(source)
+    path = mnv3.save(source, tmp_path / "folded.safetensors")
+    data = open_masks(camvid_tiny, ignore_index=11)
+    recipe = load_recipe("segment")
+    for kind in ("lraspp", "lraspp-torchvision"):
+        model, _, note = prepare_segmenter(data, recipe, kind, (48, 64), weights=str(path), progress=False)
+        assert "statistics estimated on 12 training images" in note
+        stem_bn = model.backbone.stem.bn
+        assert not torch.allclose(stem_bn.running_var, torch.full_like(stem_bn.running_var, 1 - stem_bn.eps))
+        assert (model.classifier.cbr[1].running_var == 1).all()            # the head's BN: its own
+        x = torch.randn(2, 3, 48, 64)
+        with torch.no_grad():
+            expected = source.eval().stem(x)
+            assert torch.allclose(model.backbone.eval().stem(x), expected, atol=1e-4)   # same function

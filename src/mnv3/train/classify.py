@@ -65,7 +65,9 @@ def prepare_model(data: ClassificationData, recipe: Recipe, arch: str | ArchSpec
     model.meta = ModelMeta(classes=data.classes, class_names=data.class_names, preprocess=pre,
                            source=str(weights) if weights else None)
     if weights and has_folded_batchnorm(model):
-        n = unfold_batchnorm(model, data, pre)
+        from mnv3.data.datasets import EvalSet
+
+        n = unfold_batchnorm(model, EvalSet(data.train, pre))
         if progress:
             print(f"note: {weights} has batch norm folded into its convolutions; batch-norm statistics "
                   f"were estimated on {n} training images so that training starts from the same network",
@@ -77,25 +79,29 @@ def _batchnorms(model: torch.nn.Module) -> list[torch.nn.BatchNorm2d]:
     return [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
 
 
+def _folded(bn: torch.nn.BatchNorm2d) -> bool:
+    return bool((bn.running_mean == 0).all() and (bn.weight == 1).all()
+                and torch.allclose(bn.running_var, torch.full_like(bn.running_var, 1 - bn.eps)))
+
+
 def has_folded_batchnorm(model: torch.nn.Module) -> bool:
     """Imported TFLite models carry batch norm folded into the convolutions: their BN layers are
     the identity plus a bias (mean 0, variance 1 - eps, scale 1)."""
     bns = _batchnorms(model)
-    return bool(bns) and all(
-        bool((bn.running_mean == 0).all() and torch.allclose(bn.running_var, torch.full_like(bn.running_var, 1 - bn.eps))
-             and (bn.weight == 1).all()) for bn in bns)
+    return bool(bns) and all(_folded(bn) for bn in bns)
 
 
 @torch.no_grad()
-def unfold_batchnorm(model: torch.nn.Module, data: ClassificationData, pre: Preprocess,
-                     images: int = 128, batch: int = 32) -> int:
+def unfold_batchnorm(model: torch.nn.Module, dataset, images: int = 128, batch: int = 32) -> int:
     """Give folded BN layers real statistics without changing the network's function: with the
-    per-channel mean m and variance v of each BN input (measured on training images), set
-    running stats (m, v), scale sqrt(v + eps) and bias + m. In eval mode the output is unchanged;
-    in training mode, batch statistics now normalise as the pretrained network expects."""
-    from mnv3.data.datasets import EvalSet, collate
+    per-channel mean m and variance v of each BN input (measured on `images` samples of `dataset`,
+    whose items are (input, target, error)), set running stats (m, v), scale sqrt(v + eps) and
+    bias + m. In eval mode the output is unchanged; in training mode, batch statistics now
+    normalise as the pretrained network expects. Only folded layers change (a segmentation
+    model's new layers keep theirs)."""
+    from mnv3.data.datasets import collate
 
-    bns = _batchnorms(model)
+    bns = [bn for bn in _batchnorms(model) if _folded(bn)]
     sums: dict[int, list[torch.Tensor]] = {}
 
     def hook(module, inputs):
@@ -105,9 +111,9 @@ def unfold_batchnorm(model: torch.nn.Module, data: ClassificationData, pre: Prep
 
     handles = [bn.register_forward_pre_hook(hook) for bn in bns]
     g = torch.Generator().manual_seed(0)
-    chosen = torch.randperm(len(data.train), generator=g)[:images].tolist()
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(EvalSet(data.train, pre), chosen),
-                                         batch_size=batch, collate_fn=collate)
+    chosen = torch.randperm(len(dataset), generator=g)[:images].tolist()
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, chosen), batch_size=batch,
+                                         collate_fn=collate)
     was_training, seen = model.training, 0
     model.eval()
     try:

@@ -88,6 +88,7 @@ def prepare_segmenter(data, recipe, head_kind: str, size: tuple[int, int], arch=
     from mnv3.heads import lraspp, segment_backbone
     from mnv3.nn.lraspp import Segmenter, build_segmenter
     from mnv3.presets import resolve_arch
+    from mnv3.train.classify import has_folded_batchnorm, unfold_batchnorm
     from mnv3.weights import Preprocess, load, model_meta
 
     torch.manual_seed(recipe.seed)
@@ -121,6 +122,12 @@ def prepare_segmenter(data, recipe, head_kind: str, size: tuple[int, int], arch=
                              "these weights were trained for (--arch)")
         note = f"backbone from {weights}: {copied} tensors copied, {fresh} new (head and any changed layers)"
     pre = dataclasses.replace(mean_std, resolution=size[0], resize=size[0])
+    if source is not None and has_folded_batchnorm(source.backbone if hasattr(source, "backbone") else source):
+        from mnv3.data.masks import SegEvalSet
+
+        n = unfold_batchnorm(model, SegEvalSet(data.train, pre, size), images=64, batch=8)
+        note += (f"; its batch norm was folded into the convolutions: statistics estimated on {n} training "
+                 "images so that training starts from the same network")
     return model, pre, note
 
 
