@@ -9,7 +9,8 @@ SegNet 46.4 mIoU, ENet 51.3. The issue's goal: val mIoU above 55 with the paper'
 paper's head at least as accurate as torchvision's.
 
 Each head's run lives in bench/results/segment_camvid/<head>/ and resumes when the script is run
-again (a finished run is read back, not trained again).
+again (a finished run is read back, not trained again; a larger --epochs extends it, the poly
+schedule then continuing as if planned that long from the resume point).
 
     python bench/segment_camvid.py [--epochs 8] [--batch 8] [--lr 0.005] [--size 360x480]
                                    [--heads lraspp lraspp-torchvision] [--runs 50]
@@ -45,7 +46,11 @@ def log(text: str) -> None:
 def run_head(head: str, args, size) -> dict:
     out = OUT / head
     result_file = out / "result.json"
-    if result_file.is_file() and (out / "model.safetensors").is_file():
+    done = 0
+    if (out / "metrics.csv").is_file():
+        with open(out / "metrics.csv") as f:
+            done = sum(1 for _ in f) - 1
+    if result_file.is_file() and (out / "model.safetensors").is_file() and done >= args.epochs:
         log(f"{head}: finished earlier, read back from {out}")
     else:
         recipe = load_recipe("segment").override({"epochs": str(args.epochs), "batch_size": str(args.batch),
