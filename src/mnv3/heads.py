@@ -37,7 +37,9 @@ from mnv3.arch import SpecError
 
 HEAD_FORMAT = "mnv3.head/1"
 SEGMENT_KINDS = ("lraspp", "lraspp-torchvision")
-TASKS = ("segment",)
+DETECT_KINDS = ("ssdlite",)
+TASKS = ("segment", "detect")
+KINDS = {"segment": SEGMENT_KINDS, "detect": DETECT_KINDS}
 GATES = ("sigmoid", "hard_sigmoid")
 
 # The paper's window, and the 1/16 feature map it was given for (1024x2048 input).
@@ -59,9 +61,12 @@ class DenseHead:
     resolution: tuple[int, int] = (512, 512)
     gate: str = "sigmoid"
     pool: dict[str, tuple[int, int]] | None = None
+    extras: tuple[int, ...] = ()
+    anchors: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "taps", tuple(self.taps))
+        object.__setattr__(self, "extras", tuple(self.extras))
         object.__setattr__(self, "resolution", tuple(self.resolution))
         if self.pool is not None:
             object.__setattr__(self, "pool", {k: tuple(v) for k, v in self.pool.items()})
@@ -72,8 +77,8 @@ class DenseHead:
     def validate(self) -> DenseHead:
         if self.task not in TASKS:
             raise SpecError(f"head.task: expected one of {TASKS}, got {self.task!r}")
-        if self.kind not in SEGMENT_KINDS:
-            raise SpecError(f"head.kind: unknown head {self.kind!r}; expected one of {SEGMENT_KINDS}")
+        if self.kind not in KINDS[self.task]:
+            raise SpecError(f"head.kind: unknown {self.task} head {self.kind!r}; expected one of {KINDS[self.task]}")
         if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 1:
             raise SpecError(f"head.num_classes: expected an integer >= 1, got {self.num_classes!r}")
         if len(self.taps) != 2 or not all(isinstance(t, str) and t for t in self.taps):
@@ -91,6 +96,17 @@ class DenseHead:
         if not pool_ok:
             raise SpecError("head.pool: expected {kernel: [h, w], stride: [h, w], reference: [h, w]} "
                             f"with positive integers, or null for global pooling; got {self.pool!r}")
+        if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 2 for c in self.extras):
+            raise SpecError(f"head.extras: expected channel counts >= 2, got {list(self.extras)!r}")
+        if self.task == "detect":
+            a = self.anchors
+            ok = isinstance(a, dict) and set(a) == {"aspect_ratios", "min_ratio", "max_ratio"} and \
+                0 < a["min_ratio"] < a["max_ratio"] <= 1 and \
+                len(a["aspect_ratios"]) == 2 + len(self.extras) and \
+                all(isinstance(r, (list, tuple)) and all(x > 0 for x in r) for r in a["aspect_ratios"])
+            if not ok:
+                raise SpecError("head.anchors: expected {aspect_ratios: one list per feature map (2 + extras), "
+                                f"min_ratio, max_ratio with 0 < min < max <= 1}}; got {a!r}")
         return self
 
     def replace(self, **changes: Any) -> DenseHead:
@@ -102,6 +118,9 @@ class DenseHead:
         data["taps"], data["resolution"] = list(self.taps), list(self.resolution)
         if self.pool is not None:
             data["pool"] = {k: list(v) for k, v in self.pool.items()}
+        data["extras"] = list(self.extras)
+        if self.anchors is not None:
+            data["anchors"] = {**self.anchors, "aspect_ratios": [list(r) for r in self.anchors["aspect_ratios"]]}
         return {"format": HEAD_FORMAT, **data}
 
     def to_json(self) -> str:
@@ -142,6 +161,29 @@ def lraspp(kind: str, num_classes: int, resolution: tuple[int, int], channels: i
                      taps=("last_conv", "stride8.depthwise" if paper else "stride8.first"), channels=channels,
                      resolution=tuple(resolution), gate=gate or "sigmoid",
                      pool=dict(PAPER_POOL) if paper else None).validate()
+
+
+# SSDLite as torchvision's ssdlite320_mobilenet_v3_large: four extra layers, six anchors per location.
+SSDLITE_EXTRAS = (512, 256, 256, 128)
+SSDLITE_ANCHORS = {"aspect_ratios": [[2, 3]] * 6, "min_ratio": 0.2, "max_ratio": 0.95}
+
+
+def c4_tap(spec) -> str:
+    """SSDLite's C4: the expansion output of the first block of the last strided stage (block 13 of
+    MobileNetV3-Large, block 9 of Small), at output stride 16."""
+    strided = [i for i, b in enumerate(spec.blocks) if b.stride > 1]
+    if not strided:
+        raise SpecError(f"{spec.name}: SSDLite's C4 needs a strided block (the start of the last stage)")
+    return f"block{strided[-1] + 1}.expansion"
+
+
+def ssdlite(spec, num_classes: int, resolution: tuple[int, int] = (320, 320),
+            extras: tuple[int, ...] = SSDLITE_EXTRAS) -> DenseHead:
+    """The SSDLite head for backbone `spec` (C4 = `c4_tap(spec)`, C5 = the last 1x1 conv)."""
+    anchors = {**SSDLITE_ANCHORS, "aspect_ratios": [[2, 3]] * (2 + len(extras))}
+    return DenseHead(task="detect", kind="ssdlite", num_classes=num_classes, taps=(c4_tap(spec), "last_conv"),
+                     resolution=tuple(resolution), extras=tuple(extras),
+                     anchors=anchors).validate()
 
 
 def pool_window(head: DenseHead, size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]] | None:

@@ -42,29 +42,46 @@ def _resolution(text: str) -> int | tuple[int, int]:
 
 
 def add_task_options(p: argparse.ArgumentParser) -> None:
-    """--task, --head and --classes: what turns a backbone into a dense-prediction model."""
-    from mnv3.heads import SEGMENT_KINDS
+    """--task and --head: what turns a backbone into a dense-prediction model."""
+    from mnv3.heads import DETECT_KINDS, SEGMENT_KINDS
 
-    p.add_argument("--task", choices=("classify", "segment"), default=None,
-                   help="classify (default) or segment: a segmentation head on the backbone (a model "
-                        "file says its own task)")
-    p.add_argument("--head", choices=SEGMENT_KINDS, default="lraspp",
-                   help="segmentation head: lraspp (the paper's: RF2 backbone, large pooling gate) or "
-                        "lraspp-torchvision (global-pool gate, torchvision's layout); default lraspp")
+    p.add_argument("--task", choices=("classify", "segment", "detect"), default=None,
+                   help="classify (default), segment (a segmentation head on the backbone) or detect "
+                        "(SSDLite); a model file says its own task")
+    p.add_argument("--head", choices=SEGMENT_KINDS + DETECT_KINDS, default=None,
+                   help="segmentation head: lraspp (the paper's: RF2 backbone, large pooling gate, the "
+                        "default) or lraspp-torchvision (global-pool gate, torchvision's layout); "
+                        "detection: ssdlite (the only one, the default)")
+
+
+DEFAULT_HEADS = {"segment": "lraspp", "detect": "ssdlite"}
+DEFAULT_CLASSES = {"segment": 19, "detect": 80}
+DEFAULT_SIZES = {"segment": (512, 512), "detect": (320, 320)}
+
+
+def check_head(task: str, head: str | None) -> str:
+    """The --head for `task` (its default when None); a head of another task is an error."""
+    from mnv3.heads import KINDS
+
+    head = head or DEFAULT_HEADS[task]
+    if head not in KINDS[task]:
+        raise SpecError(f"--head {head}: not a {task} head; expected one of {', '.join(KINDS[task])}")
+    return head
 
 
 def dense_from_args(args: argparse.Namespace, arch: str | None = None):
-    """(backbone spec, DenseHead or None): a segmentation model file's own, or ARCH turned into a
-    segmentation backbone with --head, --num-classes and --resolution when --task segment."""
-    from mnv3.heads import DenseHead, lraspp, segment_backbone
+    """(backbone spec, DenseHead or None): a dense model file's own, or ARCH turned into a
+    segmentation or detection backbone with --head, --num-classes and --resolution when --task
+    segment or detect."""
+    from mnv3.heads import DenseHead, lraspp, segment_backbone, ssdlite
 
     arch = arch if arch is not None else args.arch
     res = args.resolution
     header = _model_header_of(arch)
     if header is not None and "head" in header:
-        if args.task == "classify":
-            raise SpecError(f"{arch}: a segmentation model; drop --task classify")
         head = DenseHead.from_json(header["head"])
+        if args.task not in (None, head.task):
+            raise SpecError(f"{arch}: a {head.task} model; drop --task {args.task}")
         spec = ArchSpec.from_json(header["spec"])
         if res is not None:
             size = res if isinstance(res, tuple) else (res, res)
@@ -72,11 +89,18 @@ def dense_from_args(args: argparse.Namespace, arch: str | None = None):
         if args.num_classes:
             head = head.replace(num_classes=args.num_classes)
         return spec, head
-    if args.task != "segment":
+    if args.task not in ("segment", "detect"):
+        if args.head:
+            raise SpecError(f"--head {args.head} needs --task segment or --task detect")
         return spec_from_args(args, arch), None
-    size = res if isinstance(res, tuple) else (res, res) if res else (512, 512)
-    spec = segment_backbone(spec_from_args(args, arch, resolution=min(size)), args.head, size)
-    return spec, lraspp(args.head, args.num_classes or 19, size)
+    kind = check_head(args.task, args.head)
+    size = res if isinstance(res, tuple) else (res, res) if res else DEFAULT_SIZES[args.task]
+    classes = args.num_classes or DEFAULT_CLASSES[args.task]
+    if args.task == "detect":
+        spec = spec_from_args(args, arch, resolution=min(size))
+        return spec, ssdlite(spec, classes, size)
+    spec = segment_backbone(spec_from_args(args, arch, resolution=min(size)), kind, size)
+    return spec, lraspp(kind, classes, size)
 
 
 def _model_header_of(arch: str) -> dict[str, str] | None:

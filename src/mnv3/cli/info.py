@@ -29,11 +29,12 @@ def register(sub) -> None:
     add_arch_options(p, dense=True)
     add_task_options(p)
     p.add_argument("--num-classes", "--classes", type=int, default=None, dest="num_classes",
-                   help="classes (default 1000 for a classifier, 19 for --task segment, or the model file's)")
+                   help="classes (default 1000 for a classifier, 19 for --task segment, 80 for --task detect, or "
+                        "the model file's)")
     p.add_argument("--reduced-tail", action="store_true", help="halve the layers between C4 and C5")
     p.add_argument("--output-stride", type=int, choices=(8, 16, 32), help="dilate to keep this output stride")
     add_output(p, "--save", metavar="SPEC.json", help="write the spec as JSON")
-    add_json(p, "arch, resolution, params, macs, num_classes; task and head for a segmentation model; "
+    add_json(p, "arch, resolution, params, macs, num_classes; task and head for a segmentation or detection model; "
                 "classes and preprocess for a model file")
     p.set_defaults(func=cmd_info)
 
@@ -53,7 +54,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     spec, head = dense_from_args(args)
     model = _model_header(args.arch)
     if head is not None:
-        doc = _segment_info(spec, head)
+        doc = _dense_info(spec, head)
         num_classes = head.num_classes
     else:
         num_classes = args.num_classes or (model[0] if model else 1000)
@@ -100,18 +101,21 @@ def _classifier_info(spec, num_classes: int) -> dict:
             "num_classes": num_classes}
 
 
-def _segment_info(spec, head) -> dict:
-    """Parameters and MACs of a segmentation model, counted on the built module at the head's
-    (non-square) resolution; per block with the backbone's shapes beside them."""
+def _dense_info(spec, head) -> dict:
+    """Parameters and MACs of a segmentation or detection model, counted on the built module at the
+    head's (non-square) resolution; per block with the backbone's shapes beside them."""
     from mnv3.nn.lraspp import build_segmenter
     from mnv3.nn.profile import module_cost
+    from mnv3.nn.ssdlite import build_detector
+
+    build = build_detector if head.task == "detect" else build_segmenter
 
     height, width = head.resolution
     def group(name: str) -> str:
         parts = name.split(".")
         return ".".join(parts[:3] if name.startswith("backbone.blocks.") else parts[:2])
 
-    params, macs, parts = module_cost(lambda: build_segmenter(spec, head), (height, width), group=group)
+    params, macs, parts = module_cost(lambda: build(spec, head), (height, width), group=group)
     print(f"{spec.name} + {head.kind}: {height}x{width}, {head.num_classes} classes, taps "
           f"{' + '.join(head.taps)}, padding {spec.padding}")
     line = f"{'layer':<22}{'in':>6}{'exp':>6}{'out':>6}{'k':>3}{'SE':>5}{'NL':>8}{'s':>3}{'d':>3}{'params':>12}{'MACs':>16}"
@@ -130,5 +134,5 @@ def _segment_info(spec, head) -> dict:
         print(f"{label:<22}{cols}{fmt_int(p):>12}{fmt_int(m):>16}")
     print("-" * len(line))
     print(f"total: {fmt_int(params)} parameters, {macs / 1e9:.2f}B MACs")
-    return {"arch": spec.name, "task": "segment", "head": head.kind, "resolution": [height, width],
+    return {"arch": spec.name, "task": head.task, "head": head.kind, "resolution": [height, width],
             "params": params, "macs": macs, "num_classes": head.num_classes, "taps": list(head.taps)}

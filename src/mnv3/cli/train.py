@@ -15,9 +15,11 @@ _NOT_FLAGS = ("name", "about")
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "train", help="train or fine-tune a classifier (image folder, digits, cifar10) or a segmentation model",
+        "train", help="train or fine-tune a classifier (image folder, digits, cifar10), a segmentation or a "
+                      "detection model",
         description="Train a classifier (or, with --task segment, an LR-ASPP segmentation model on a "
-                    "mask data set) and write a run folder: the resolved recipe, metrics.csv, "
+                    "mask data set; with --task detect, an SSDLite detector on COCO-JSON or YOLO boxes) "
+                    "and write a run folder: the resolved recipe, metrics.csv, "
                     "TensorBoard logs, curves.png, checkpoint.pt and model.safetensors (which "
                     "`mnv3 eval` and `mnv3 predict` take). Runs under `torchrun --nproc_per_node N "
                     "-m mnv3 train ...` as data-parallel processes.",
@@ -26,11 +28,17 @@ def register(sub) -> None:
     p.add_argument("--data", metavar="DATA",
                    help="a folder with train/ and val/ (or test/) class folders, or digits (offline, "
                         "scikit-learn's 8x8 digits: a quick first run), or cifar10")
-    p.add_argument("--task", choices=("classify", "segment"), default=None,
-                   help="classify (default) or segment: --data is then a mask-folder (classes.txt, "
-                        "{train,val}/images, {train,val}/masks) or Pascal VOC folder, --weights the backbone")
-    p.add_argument("--head", choices=("lraspp", "lraspp-torchvision"), default=None,
-                   help="segmentation head (default lraspp, the paper's)")
+    p.add_argument("--task", choices=("classify", "segment", "detect"), default=None,
+                   help="classify (default); segment: --data is then a mask-folder (classes.txt, "
+                        "{train,val}/images, {train,val}/masks) or Pascal VOC folder; detect: a COCO-JSON "
+                        "folder (annotations/instances_*.json) or a YOLO data YAML; --weights the backbone")
+    p.add_argument("--head", choices=("lraspp", "lraspp-torchvision", "ssdlite"), default=None,
+                   help="segmentation head (default lraspp, the paper's); detection: ssdlite")
+    p.add_argument("--reduced-tail", action="store_true", default=None,
+                   help="detection: halve the layers between C4 and C5 (the paper's reduced tail)")
+    p.add_argument("--skip-bad-boxes", action="store_true", default=None,
+                   help="detection: drop (and count) boxes outside their image, of no size or of an unknown "
+                        "class, and images that are missing, instead of stopping with an error")
     p.add_argument("--ignore-index", type=int, default=None,
                    help="segmentation: the mask value that is not a class (default 255; CamVid's void is 11)")
     p.add_argument("--arch", metavar="ARCH",
@@ -136,6 +144,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     earlier = run_inputs(args.out) if args.resume and args.out else {}
     if (args.task or earlier.get("task")) == "segment":
         return _train_segment(args, earlier)
+    if (args.task or earlier.get("task")) == "detect":
+        return _train_detect(args, earlier)
     data = args.data or earlier.get("data")
     if not data:
         raise TrainError("--data is required: an image folder with train/ and val/, digits, or cifar10")
@@ -202,6 +212,46 @@ def _train_segment(args: argparse.Namespace, earlier: dict) -> int:
     if main and result.model_path is not None:
         print(f"mIoU {result.metrics.get('val_miou', 0):.4f}, pixel accuracy "
               f"{result.metrics.get('val_pixel_acc', 0):.4f}; model written to {result.model_path}")
+    if main and args.json and result.model_path is not None:
+        emit_json(result.as_dict())
+    return 0
+
+
+def _train_detect(args: argparse.Namespace, earlier: dict) -> int:
+    from mnv3.data.boxes import open_boxes
+    from mnv3.heads import parse_resolution
+    from mnv3.train.detect import train_detect
+    from mnv3.train.engine import TrainError
+
+    data = args.data or earlier.get("data")
+    if not data:
+        raise TrainError("--data is required: a COCO-JSON folder (annotations/instances_*.json and its images) "
+                         "or a YOLO data YAML")
+    if args.head not in (None, "ssdlite"):
+        raise TrainError(f"--head {args.head}: not a detection head; the detection head is ssdlite")
+    size = tuple(earlier.get("size") or (320, 320))
+    if args.recipe_resolution is not None:
+        parsed = parse_resolution(args.recipe_resolution)
+        size = parsed if isinstance(parsed, tuple) else (parsed, parsed)
+        args.recipe_resolution = None
+    arch = args.arch or earlier.get("arch")
+    if args.width is not None:
+        from mnv3.presets import resolve_arch
+
+        arch = resolve_arch(arch or "mobilenet_v3_large", args.width)
+    weights = args.weights or earlier.get("weights")
+    reduced = bool(args.reduced_tail if args.reduced_tail is not None else earlier.get("reduced_tail"))
+    skip_bad = bool(args.skip_bad_boxes if args.skip_bad_boxes is not None else earlier.get("skip_bad"))
+    data_set = open_boxes(data, skip_bad=skip_bad)
+    recipe, out, main = _recipe_and_out(
+        args, "detect", data_set, getattr(arch, "name", arch) or ("weights" if weights else "mobilenet_v3_large"),
+        "ssdlite")
+    result = train_detect(data_set, out, size=size, arch=arch, weights=weights, reduced=reduced, recipe=recipe,
+                          resume=args.resume, workers=args.workers, checkpoint_steps=args.checkpoint_steps,
+                          progress=not args.no_progress, device=args.device, skip_bad=skip_bad)
+    if main and result.model_path is not None:
+        print(f"mAP@[.5:.95] {result.metrics.get('val_map', 0):.4f}, mAP@.5 {result.metrics.get('val_map50', 0):.4f}; "
+              f"model written to {result.model_path}")
     if main and args.json and result.model_path is not None:
         emit_json(result.as_dict())
     return 0

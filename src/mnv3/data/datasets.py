@@ -275,6 +275,9 @@ def collate(items):
     if not good:
         return None, None, errors
     labels = [y for _, y in good]
+    if isinstance(labels[0], torch.Tensor) and labels[0].dim() == 2 and labels[0].is_floating_point():
+        rows = max(len(y) for y in labels)     # detection targets: pad with -1 rows (label -1: no box)
+        labels = [torch.cat([y, y.new_full((rows - len(y), y.shape[1]), -1.0)]) for y in labels]
     targets = torch.stack(labels) if isinstance(labels[0], torch.Tensor) else torch.tensor(labels)
     return torch.stack([x for x, _ in good]), targets, errors
 

@@ -92,6 +92,8 @@ class TrainResult:
         scores = {"top1": self.metrics.get("val_top1"), "top5": self.metrics.get("val_top5")}
         if "val_miou" in self.metrics:
             scores = {"miou": self.metrics["val_miou"], "pixel_acc": self.metrics.get("val_pixel_acc")}
+        if "val_map" in self.metrics:
+            scores = {"map": self.metrics["val_map"], "map50": self.metrics.get("val_map50")}
         return {**scores, "model": str(self.model_path) if self.model_path else None, "run": str(self.run_dir),
                 "epochs": len(self.history), "skipped_images": self.skipped}
 
@@ -125,7 +127,9 @@ class Trainer:
         """`pre`: the Preprocess used for training and evaluation. `identity`: what must match for
         a resume (spec, classes, ...). `save_model(module, path, metrics)` writes the final model.
         `sets`: the (training, validation) datasets of a task whose samples are not classification
-        images (segmentation: image and mask); each item is (input, target, error or None)."""
+        images (segmentation: image and mask; detection: image and box rows); each item is (input,
+        target, error or None). A task that scores the whole split at once (detection) may define
+        `eval_begin()` and `eval_gather(dist)`, called before and after the validation batches."""
         self.model, self.data, self.recipe, self.opts = model, data, recipe, options
         self.task, self.dist, self.pre, self.identity, self.save_model = task, dist, pre, identity, save_model
         self.out = Path(options.out)
@@ -432,6 +436,8 @@ class Trainer:
         was_training = model.training
         model.eval()
         sums, skipped = None, 0
+        if hasattr(self.task, "eval_begin"):
+            self.task.eval_begin()
         for x, y, errors in self._loader(self.val_set, sampler):
             skipped += len(errors)
             if errors and self.opts.strict and not d.active:
@@ -449,6 +455,8 @@ class Trainer:
             count = getattr(self.task, "eval_stat_count", None) or len(self.task.metrics([0.0] * 8, "val"))
             sums = [0.0] * (count + 1)
         total = d.sum([*sums, float(skipped)])
+        if hasattr(self.task, "eval_gather"):
+            self.task.eval_gather(d)
         if self.opts.strict and total[-1]:
             raise DataError(f"{int(total[-1])} validation image(s) unreadable (--strict)")
         if total[-2] == 0:
@@ -620,14 +628,17 @@ def write_curves(history: list[dict[str, Any]], path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
     for key, label in (("train_loss", "train"), ("val_loss", "validation")):
         left.plot(epochs, [h.get(key, math.nan) for h in history], marker="o", label=label)
-    segment = any("val_miou" in h for h in history)
-    curves = ((("train_pixel_acc", "train pixel acc."), ("val_pixel_acc", "val pixel acc."), ("val_miou", "val mIoU"))
-              if segment else (("train_top1", "train"), ("val_top1", "validation"), ("val_top5", "val top-5")))
+    segment, detect = any("val_miou" in h for h in history), any("val_map" in h for h in history)
+    curves, title = (("train_top1", "train"), ("val_top1", "validation"), ("val_top5", "val top-5")), "top-1 / top-5"
+    if segment:
+        curves = (("train_pixel_acc", "train pixel acc."), ("val_pixel_acc", "val pixel acc."), ("val_miou", "val mIoU"))
+        title = "pixel accuracy / mIoU"
+    elif detect:
+        curves, title = (("val_map", "val mAP@[.5:.95]"), ("val_map50", "val mAP@.5")), "COCO mAP"
     for key, label in curves:
         right.plot(epochs, [h.get(key, math.nan) for h in history], marker="o", label=label)
     left.set(xlabel="epoch", ylabel="loss", title="loss")
-    right.set(xlabel="epoch", ylabel="accuracy", title="pixel accuracy / mIoU" if segment else "top-1 / top-5",
-              ylim=(0, 1))
+    right.set(xlabel="epoch", ylabel="accuracy", title=title, ylim=(0, 1))
     for ax in (left, right):
         ax.grid(alpha=0.3)
         ax.legend()

@@ -162,3 +162,88 @@ def write_mask_pngs(mask, img, out: Path, stem: str, num_classes: int) -> tuple[
     for path, pixels in zip(paths, (colours, overlay)):
         atomic_write(path, lambda tmp, p=pixels: Image.fromarray(p).save(tmp, format="PNG"))
     return paths
+
+
+# -- detection -------------------------------------------------------------------------------------
+@dataclass
+class DetEvalResult:
+    map: float
+    map50: float
+    per_class: dict[str, float]
+    images: int
+
+    def as_dict(self) -> dict:
+        return {"map": self.map, "map50": self.map50, "per_class": self.per_class, "images": self.images}
+
+
+@torch.inference_mode()
+def evaluate_detection(model, data: str | Path, batch_size: int = 8, workers: int = 0, progress: bool = True,
+                       post: dict | None = None, skip_bad: bool = False) -> DetEvalResult:
+    """COCO mAP@[.5:.95], mAP@.5 and per-class AP (pycocotools) of a detector on the validation split
+    of a COCO-JSON or YOLO data set, at the model's resolution (see `mnv3.train.detect`)."""
+    from tqdm import tqdm
+
+    from mnv3.data.boxes import DetEvalSet, open_boxes
+    from mnv3.nn.ssdlite import postprocess
+    from mnv3.train.detect import POSTPROCESS, Detections, coco_scores, image_targets
+
+    meta = model_meta(model)
+    data_set = open_boxes(data, skip_bad=skip_bad)
+    if len(data_set.classes) != model.num_classes:
+        raise DataError(f"{data}: {len(data_set.classes)} classes but the model predicts {model.num_classes}")
+    if meta.class_names and tuple(meta.class_names) != tuple(data_set.classes):
+        print(f"note: the model's class names differ from {data}'s; scoring by index", file=sys.stderr)
+    size = tuple(model.head_spec.resolution)
+    loader = torch.utils.data.DataLoader(DetEvalSet(data_set.val, meta.preprocess, size), batch_size=batch_size,
+                                         num_workers=workers, collate_fn=collate)
+    model.eval()
+    anchors, collected, seen = model.anchors(size), Detections(), 0
+    options = {**POSTPROCESS, **(post or {})}
+    for x, y, errors in tqdm(loader, desc="eval", unit="batch", disable=not progress, file=sys.stderr):
+        if errors:
+            raise DataError(errors[0])
+        found = postprocess(model(x), anchors, size, **options)
+        for j, (boxes, labels) in enumerate(image_targets(y, len(x))):
+            collected.add(int(y[j, 0, 0]), found[j], boxes, labels)
+        seen += len(x)
+    s = coco_scores(collected, tuple(data_set.classes))
+    return DetEvalResult(s["map"], s["map50"], s["per_class"], seen)
+
+
+@torch.inference_mode()
+def predict_boxes(model, image: str | Path, post: dict | None = None):
+    """(detections {"boxes" in the image's own pixels, "scores", "labels"}, the RGB image): the image
+    resized to the model's resolution, the boxes scaled back."""
+    import numpy as np
+    from PIL import Image
+
+    from mnv3.train.detect import POSTPROCESS
+
+    meta = model_meta(model)
+    img = load_image(image)
+    h, w = model.head_spec.resolution
+    x = torch.from_numpy(np.asarray(img.resize((w, h), Image.BILINEAR), dtype=np.float32).copy())
+    x = x.permute(2, 0, 1)[None].div_(255.0)
+    x = (x - torch.tensor(meta.preprocess.mean).view(1, 3, 1, 1)) / torch.tensor(meta.preprocess.std).view(1, 3, 1, 1)
+    found = model.eval().detect(x, **{**POSTPROCESS, **(post or {})})[0]
+    scale = torch.tensor([img.width / w, img.height / h] * 2)
+    return {**found, "boxes": found["boxes"] * scale}, img
+
+
+def draw_boxes(img, found: dict, names, path: Path) -> Path:
+    """The image with each detection's box and "label score" drawn, as a PNG at `path`."""
+    from PIL import ImageDraw
+
+    from mnv3.files import atomic_write
+
+    canvas = img.copy()
+    draw = ImageDraw.Draw(canvas)
+    colours = palette(max(len(names), 1) + 1)
+    for box, score, label in zip(found["boxes"].tolist(), found["scores"].tolist(), found["labels"].tolist()):
+        colour = tuple(int(c) for c in colours[label + 1])
+        draw.rectangle(box, outline=colour, width=max(2, round(min(img.size) / 200)))
+        text = f"{names[label]} {score:.2f}"
+        left, top = box[0], max(0.0, box[1] - 12)
+        draw.rectangle(draw.textbbox((left, top), text), fill=colour)
+        draw.text((left, top), text, fill=(255, 255, 255))
+    return atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))

@@ -17,6 +17,7 @@ from mnv3.files import atomic_write
 from mnv3.heads import DenseHead
 from mnv3.nn import MobileNet, build
 from mnv3.nn.lraspp import Segmenter, build_segmenter
+from mnv3.nn.ssdlite import Detector, build_detector
 
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
@@ -81,13 +82,13 @@ class ModelMeta:
         return f"{name} ({cid})" if name and name != cid else cid
 
 
-def model_meta(model: MobileNet | Segmenter) -> ModelMeta:
+def model_meta(model: MobileNet | Segmenter | Detector) -> ModelMeta:
     """The model's metadata; a model built from a bare spec gets default preprocessing (a
     segmentation model: resized to its head's height, no crop)."""
     meta = getattr(model, "meta", None)
     if isinstance(meta, ModelMeta):
         return meta
-    if isinstance(model, Segmenter):
+    if isinstance(model, (Segmenter, Detector)):
         height = model.head_spec.resolution[0]
         return ModelMeta(preprocess=Preprocess(resolution=height, resize=height))
     return ModelMeta(preprocess=Preprocess.for_resolution(model.spec.resolution))
@@ -103,10 +104,10 @@ def set_meta(model: MobileNet, meta: ModelMeta) -> MobileNet:
     return model
 
 
-def save(model: MobileNet | Segmenter, path: str | Path, meta: ModelMeta | None = None) -> Path:
-    """Write `model` (spec, weights, metadata; a segmentation model's head too) to one safetensors
-    file, atomically."""
-    if not isinstance(model, (MobileNet, Segmenter)):
+def save(model: MobileNet | Segmenter | Detector, path: str | Path, meta: ModelMeta | None = None) -> Path:
+    """Write `model` (spec, weights, metadata; a segmentation or detection model's head too) to one
+    safetensors file, atomically."""
+    if not isinstance(model, (MobileNet, Segmenter, Detector)):
         raise WeightsError(f"save: expected an mnv3 model (from mnv3.build or mnv3.load), "
                            f"got {type(model).__name__}")
     meta = meta or model_meta(model)
@@ -119,7 +120,7 @@ def save(model: MobileNet | Segmenter, path: str | Path, meta: ModelMeta | None 
         "fused": "1" if model.fused else "0",
         "meta": meta.to_json(),
     }
-    if isinstance(model, Segmenter):
+    if isinstance(model, (Segmenter, Detector)):
         header["head"] = model.head_spec.to_json()
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
 
@@ -148,9 +149,9 @@ def is_model_header(header: dict[str, str]) -> bool:
 
 
 def load_model_file(path: Path, tensors: dict[str, torch.Tensor], header: dict[str, str],
-                    arch: ArchSpec | None = None) -> MobileNet | Segmenter:
+                    arch: ArchSpec | None = None) -> MobileNet | Segmenter | Detector:
     """Rebuild a model from an mnv3 model file; with `arch`, load its weights into that spec instead.
-    A file with a head (segmentation) gives a `Segmenter`."""
+    A file with a head gives a `Segmenter` (segmentation) or a `Detector` (detection)."""
     try:
         spec = ArchSpec.from_json(header["spec"])
         num_classes = int(header["num_classes"])
@@ -161,7 +162,10 @@ def load_model_file(path: Path, tensors: dict[str, torch.Tensor], header: dict[s
     if arch is not None and arch != spec:
         spec = arch
     try:
-        model = build(spec, num_classes) if head is None else build_segmenter(spec, head)
+        if head is None:
+            model = build(spec, num_classes)
+        else:
+            model = build_detector(spec, head) if head.task == "detect" else build_segmenter(spec, head)
     except SpecError as exc:
         raise WeightsError(f"{path}: {exc}") from None
     if header.get("fused") == "1":
@@ -180,7 +184,7 @@ def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], sourc
               for k in ours if k in tensors and tensors[k].shape != ours[k].shape]
     if missing or unexpected or shapes:
         what = getattr(model, "spec", None) and model.spec.name
-        if isinstance(model, Segmenter):
+        if isinstance(model, (Segmenter, Detector)):
             what = f"{what} + {model.head_spec.kind}"
         lines = [f"{source}: the weights do not fit this network ({what})."]
         for title, items in (("shape mismatch", shapes), ("missing from the file", missing),

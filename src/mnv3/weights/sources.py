@@ -24,6 +24,7 @@ from mnv3.imagenet import imagenet_classes
 from mnv3.nn import MobileNet, build
 from mnv3.nn.lraspp import Segmenter
 from mnv3.presets import COMMON_WIDTHS, PRESETS, candidates, resolve_arch
+from mnv3.weights.detect_import import import_torchvision_ssdlite, is_torchvision_ssdlite
 from mnv3.weights.model_file import (
     ModelMeta,
     Preprocess,
@@ -152,9 +153,11 @@ def _recognise(state: dict[str, torch.Tensor], num_classes: int, fmt: str) -> Ar
 def import_state_dict(state: dict[str, torch.Tensor], arch: ArchSpec | None, source: str,
                       resize: int | None = None) -> MobileNet | Segmenter:
     """Build the network and copy a torchvision, timm or bare mnv3 state dict into it (torchvision's
-    LR-ASPP segmentation weights give a Segmenter)."""
+    LR-ASPP segmentation weights give a Segmenter, its SSDLite weights a Detector)."""
     if is_torchvision_lraspp(state):
         return import_torchvision_lraspp(state, arch, source)
+    if is_torchvision_ssdlite(state):
+        return import_torchvision_ssdlite(state, arch, source)
     try:
         fmt = detect_format(state)
     except ValueError as exc:
