@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -49,3 +50,12 @@ def write_csv(name: str, rows: list[dict]) -> Path:
     from mnv3.files import atomic_write_csv
 
     return atomic_write_csv(RESULTS / name, rows)
+
+
+def cpu_flags() -> str:
+    """The vector instruction sets that decide these timings (AVX2, FMA, AVX-512, VNNI)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0].split()
+    except (OSError, IndexError):
+        return platform.processor()
+    return " ".join(sorted(f for f in set(flags) if f.startswith(("avx2", "avx512f", "avx512_vnni", "avx_vnni", "fma"))))

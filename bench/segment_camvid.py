@@ -23,8 +23,7 @@ import json
 import sys
 import time
 
-from common import RESULTS, SHARED, write_csv
-from segment_latency import cpu_flags
+from common import RESULTS, SHARED, cpu_flags, write_csv
 
 import mnv3
 from mnv3.heads import parse_resolution

@@ -14,12 +14,11 @@ instruction sets are printed beside the figures.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
 
-from common import RESULTS, write_csv
+from common import RESULTS, cpu_flags, write_csv
 
 import mnv3
 from mnv3.heads import SEGMENT_KINDS, lraspp, parse_resolution, segment_backbone
@@ -27,14 +26,6 @@ from mnv3.latency import get_runtime, measure_side_by_side
 from mnv3.latency.runtimes import calibrate_batchnorm, cpu_model
 from mnv3.nn.lraspp import build_segmenter
 from mnv3.nn.profile import module_cost
-
-
-def cpu_flags() -> str:
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0].split()
-    except (OSError, IndexError):
-        return platform.processor()
-    return " ".join(sorted(f for f in set(flags) if f.startswith(("avx2", "avx512f", "avx512_vnni", "avx_vnni", "fma"))))
 
 
 def main() -> None:

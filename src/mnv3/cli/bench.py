@@ -30,7 +30,9 @@ def register(sub) -> None:
                                    "ARCH: a preset, a peer's name, a spec JSON or a model file. A "
                                    "segmentation model (a model file, or ARCH with --task segment) is "
                                    "timed whole (backbone, head and the final upsampling) at its "
-                                   "resolution.")
+                                   "resolution; a detector (--task detect) is timed as a network: "
+                                   "backbone, extra layers and heads up to the raw box offsets and class "
+                                   "logits, without the post-processing (decoding, NMS).")
     p.add_argument("archs", nargs="+", metavar="ARCH")
     p.add_argument("--runtime", required=True, help="torch, torch-fused, onnxruntime or litert")
     p.add_argument("--threads", type=int, default=1, help="threads the runtime may use (default 1)")
@@ -38,7 +40,7 @@ def register(sub) -> None:
     add_arch_options(p, dense=True)
     add_task_options(p)
     p.add_argument("--num-classes", "--classes", type=int, default=None, dest="num_classes",
-                   help="--task segment: classes of the head (default 19)")
+                   help="--task segment or detect: classes of the head (default 19 and 80)")
     p.add_argument("--runs", type=int, default=50, help="timed runs per network (at least 50)")
     add_output(p, "--csv", default=DEFAULT_CSV, metavar="FILE",
                help=f"CSV the rows are added to (default {DEFAULT_CSV}); a file with other columns is "
@@ -104,7 +106,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _network(args: argparse.Namespace, arch: str):
     """(spec, module or None, (h, w), (name, params, MACs)): a classifier is timed from its spec (its
-    conversion cached), a segmentation model as a module at its own resolution."""
+    conversion cached), a segmentation or detection model as a module at its own resolution (a
+    detector without its post-processing: the network's raw boxes and logits)."""
     from mnv3.arch import is_model_file
     from mnv3.complexity import count
 
@@ -113,7 +116,7 @@ def _network(args: argparse.Namespace, arch: str):
         cost = count(spec, 1000)
         return spec, None, (spec.resolution, spec.resolution), (spec.name, cost.params, cost.macs)
     from mnv3.latency.runtimes import calibrate_batchnorm
-    from mnv3.nn.lraspp import build_segmenter
+    from mnv3.nn import build_dense
     from mnv3.nn.profile import module_cost
 
     size = tuple(head.resolution)
@@ -122,6 +125,6 @@ def _network(args: argparse.Namespace, arch: str):
 
         module = load(arch)
     else:
-        module = calibrate_batchnorm(build_segmenter(spec, head), (2, 3, *size))
-    params, macs, _ = module_cost(lambda: build_segmenter(spec, head), size)
+        module = calibrate_batchnorm(build_dense(spec, head), (2, 3, *size))
+    params, macs, _ = module_cost(lambda: build_dense(spec, head), size)
     return spec, module, size, (f"{spec.name}+{head.kind}", params, macs)

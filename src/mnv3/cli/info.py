@@ -104,18 +104,15 @@ def _classifier_info(spec, num_classes: int) -> dict:
 def _dense_info(spec, head) -> dict:
     """Parameters and MACs of a segmentation or detection model, counted on the built module at the
     head's (non-square) resolution; per block with the backbone's shapes beside them."""
-    from mnv3.nn.lraspp import build_segmenter
+    from mnv3.nn import build_dense
     from mnv3.nn.profile import module_cost
-    from mnv3.nn.ssdlite import build_detector
-
-    build = build_detector if head.task == "detect" else build_segmenter
 
     height, width = head.resolution
     def group(name: str) -> str:
         parts = name.split(".")
         return ".".join(parts[:3] if name.startswith("backbone.blocks.") else parts[:2])
 
-    params, macs, parts = module_cost(lambda: build(spec, head), (height, width), group=group)
+    params, macs, parts = module_cost(lambda: build_dense(spec, head), (height, width), group=group)
     print(f"{spec.name} + {head.kind}: {height}x{width}, {head.num_classes} classes, taps "
           f"{' + '.join(head.taps)}, padding {spec.padding}")
     line = f"{'layer':<22}{'in':>6}{'exp':>6}{'out':>6}{'k':>3}{'SE':>5}{'NL':>8}{'s':>3}{'d':>3}{'params':>12}{'MACs':>16}"

@@ -127,6 +127,20 @@ def _recipe_and_out(args: argparse.Namespace, default_recipe: str, data_set, arc
     return recipe, out, main
 
 
+def _arch(args: argparse.Namespace, earlier: dict, default: str):
+    """--arch (with --width), else the resumed run's (a name, or a spec saved in run.json)."""
+    arch = args.arch or earlier.get("arch")
+    if isinstance(arch, dict):
+        from mnv3.arch import ArchSpec
+
+        arch = ArchSpec.from_dict(arch)
+    if args.width is not None:
+        from mnv3.presets import resolve_arch
+
+        arch = resolve_arch(arch or default, args.width)
+    return arch
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from mnv3.data.datasets import open_data
     from mnv3.train.classify import run_inputs, train
@@ -149,15 +163,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     data = args.data or earlier.get("data")
     if not data:
         raise TrainError("--data is required: an image folder with train/ and val/, digits, or cifar10")
-    arch = args.arch or earlier.get("arch")
-    if isinstance(arch, dict):     # a spec saved in run.json
-        from mnv3.arch import ArchSpec
-
-        arch = ArchSpec.from_dict(arch)
-    if args.width is not None:
-        from mnv3.presets import resolve_arch
-
-        arch = resolve_arch(arch or "mobilenet_v3_small", args.width)
+    arch = _arch(args, earlier, "mobilenet_v3_small")
     weights = args.weights or earlier.get("weights")
     total_stride = args.total_stride or earlier.get("total_stride")
     data_set = open_data(data)
@@ -196,11 +202,7 @@ def _train_segment(args: argparse.Namespace, earlier: dict) -> int:
         size = tuple(earlier["size"])
     ignore = args.ignore_index if args.ignore_index is not None else earlier.get("ignore_index", 255)
     head = args.head or earlier.get("head") or "lraspp"
-    arch = args.arch or earlier.get("arch")
-    if args.width is not None:
-        from mnv3.presets import resolve_arch
-
-        arch = resolve_arch(arch or "mobilenet_v3_large", args.width)
+    arch = _arch(args, earlier, "mobilenet_v3_large")
     weights = args.weights or earlier.get("weights")
     data_set = open_masks(data, ignore)
     recipe, out, main = _recipe_and_out(
@@ -234,11 +236,7 @@ def _train_detect(args: argparse.Namespace, earlier: dict) -> int:
         parsed = parse_resolution(args.recipe_resolution)
         size = parsed if isinstance(parsed, tuple) else (parsed, parsed)
         args.recipe_resolution = None
-    arch = args.arch or earlier.get("arch")
-    if args.width is not None:
-        from mnv3.presets import resolve_arch
-
-        arch = resolve_arch(arch or "mobilenet_v3_large", args.width)
+    arch = _arch(args, earlier, "mobilenet_v3_large")
     weights = args.weights or earlier.get("weights")
     reduced = bool(args.reduced_tail if args.reduced_tail is not None else earlier.get("reduced_tail"))
     skip_bad = bool(args.skip_bad_boxes if args.skip_bad_boxes is not None else earlier.get("skip_bad"))

@@ -288,7 +288,7 @@ def train_detect(data, out, *, size: tuple[int, int] = (320, 320), arch=None, we
                   f"{len(model.anchors())} anchors: {note}", file=sys.stderr)
         if d.main and not resume:
             out.mkdir(parents=True, exist_ok=True)
-            inputs = {"task": "detect", "data": data_set.ref or str(data), "size": list(size), "arch": arch,
+            inputs = {"task": "detect", "data": data_set.ref or str(data), "size": list(size), "arch": arch.to_dict() if hasattr(arch, "to_dict") else arch,
                       "weights": weights, "reduced_tail": reduced, "skip_bad": skip_bad}
             atomic_write_text(out / "run.json", json.dumps(inputs, indent=2) + "\n")
 

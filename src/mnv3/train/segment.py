@@ -175,7 +175,7 @@ def train_segment(data, out, *, head: str = "lraspp", size: tuple[int, int] | No
         if d.main and not resume:
             out.mkdir(parents=True, exist_ok=True)
             inputs = {"task": "segment", "data": data_set.ref or str(data), "head": head, "size": list(size),
-                      "arch": arch, "weights": weights, "ignore_index": data_set.ignore_index}
+                      "arch": arch.to_dict() if hasattr(arch, "to_dict") else arch, "weights": weights, "ignore_index": data_set.ignore_index}
             atomic_write_text(out / "run.json", json.dumps(inputs, indent=2) + "\n")
 
         def save_model(module, path, metrics) -> None:

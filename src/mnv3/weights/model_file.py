@@ -16,8 +16,9 @@ from mnv3.arch import MODEL_FORMAT, ArchSpec, SpecError, safetensors_metadata
 from mnv3.files import atomic_write
 from mnv3.heads import DenseHead
 from mnv3.nn import MobileNet, build
-from mnv3.nn.lraspp import Segmenter, build_segmenter
-from mnv3.nn.ssdlite import Detector, build_detector
+from mnv3.nn import build_dense
+from mnv3.nn.lraspp import Segmenter
+from mnv3.nn.ssdlite import Detector
 
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
@@ -162,10 +163,7 @@ def load_model_file(path: Path, tensors: dict[str, torch.Tensor], header: dict[s
     if arch is not None and arch != spec:
         spec = arch
     try:
-        if head is None:
-            model = build(spec, num_classes)
-        else:
-            model = build_detector(spec, head) if head.task == "detect" else build_segmenter(spec, head)
+        model = build(spec, num_classes) if head is None else build_dense(spec, head)
     except SpecError as exc:
         raise WeightsError(f"{path}: {exc}") from None
     if header.get("fused") == "1":
