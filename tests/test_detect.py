@@ -259,7 +259,7 @@ def test_train_eval_predict_resume_on_coco128(tmp_path, capsys):
     code, stdout, _ = run(capsys, "eval", "--weights", model, "--data", yolo, "--json", "--no-progress")
     doc = json.loads(stdout)
     assert code == 0 and set(doc) >= {"map", "map50", "per_class"} and doc["images"] == 128
-    image = sorted((COCO128 / "images" / "val2017").glob("*.jpg"))[0]
+    image = min((COCO128 / "images" / "val2017").glob("*.jpg"))
     code, stdout, _ = run(capsys, "predict", "--weights", model, image, "--score-thresh", "0.0", "--max-detections",
                           "5", "--out", tmp_path / "pred", "--json")
     doc = json.loads(stdout)

@@ -15,8 +15,7 @@ from safetensors.torch import safe_open, save_file
 from mnv3.arch import MODEL_FORMAT, ArchSpec, SpecError, safetensors_metadata
 from mnv3.files import atomic_write
 from mnv3.heads import DenseHead
-from mnv3.nn import MobileNet, build
-from mnv3.nn import build_dense
+from mnv3.nn import MobileNet, build, build_dense
 from mnv3.nn.lraspp import Segmenter
 from mnv3.nn.ssdlite import Detector
 
