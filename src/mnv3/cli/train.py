@@ -156,10 +156,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise TrainError(f"{os.path.join(args.out, 'checkpoint.pt')}: no checkpoint to resume from; "
                          "start the run without --resume")
     earlier = run_inputs(args.out) if args.resume and args.out else {}
-    if (args.task or earlier.get("task")) == "segment":
-        return _train_segment(args, earlier)
-    if (args.task or earlier.get("task")) == "detect":
+    task = args.task or earlier.get("task")
+    if task == "detect":
         return _train_detect(args, earlier)
+    for flag, value in (("--reduced-tail", args.reduced_tail), ("--skip-bad-boxes", args.skip_bad_boxes)):
+        if value:
+            raise TrainError(f"{flag} applies to detection; add --task detect")
+    if task == "segment":
+        return _train_segment(args, earlier)
     data = args.data or earlier.get("data")
     if not data:
         raise TrainError("--data is required: an image folder with train/ and val/, digits, or cifar10")

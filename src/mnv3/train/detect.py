@@ -204,26 +204,17 @@ def prepare_detector(data, recipe, size: tuple[int, int], arch=None, weights: st
     import dataclasses
 
     from mnv3.arch import reduced_tail
+    from mnv3.data.boxes import DetEvalSet
     from mnv3.heads import ssdlite
     from mnv3.nn.ssdlite import Detector, build_detector
-    from mnv3.presets import resolve_arch
-    from mnv3.train.classify import has_folded_batchnorm, unfold_batchnorm
-    from mnv3.train.engine import TrainError
-    from mnv3.train.segment import transfer_backbone
-    from mnv3.weights import Preprocess, load, model_meta
+    from mnv3.train.dense import backbone_note, load_source, restore_batchnorm
 
     torch.manual_seed(recipe.seed)
     n = len(data.classes)
-    source, mean_std, note = None, Preprocess(), "from scratch"
-    if weights:
-        source = load(weights, arch, progress=progress)
-        base, mean_std = source.spec, model_meta(source).preprocess
-    else:
-        base = resolve_arch(arch or DEFAULT_DETECT_ARCH)
+    source, base, mean_std = load_source(weights, arch, DEFAULT_DETECT_ARCH, recipe, progress)
+    note = "from scratch"
     if reduced and not isinstance(source, Detector) and not base.name.endswith("_reduced_tail"):
         base = reduced_tail(base)
-    if recipe.bn_momentum is not None:
-        base = base.replace(bn_momentum=recipe.bn_momentum)
     spec = base.replace(resolution=min(size))
     model = build_detector(spec, ssdlite(spec, n, size))
     if isinstance(source, Detector) and source.num_classes == n:
@@ -235,18 +226,9 @@ def prepare_detector(data, recipe, size: tuple[int, int], arch=None, weights: st
         model.load_state_dict({k: v for k, v in theirs.items() if k in ours and ours[k].shape == v.shape}, strict=False)
         note = f"from {weights}: all but the class layers ({source.num_classes} classes there, {n} here)"
     elif source is not None:
-        copied, fresh = transfer_backbone(model, source)
-        if copied == 0:
-            raise TrainError(f"--weights {weights}: no backbone tensor fits {spec.name}; pass the backbone "
-                             "these weights were trained for (--arch)")
-        note = f"backbone from {weights}: {copied} tensors copied, {fresh} new (reduced layers, if any)"
+        note = backbone_note(model, source, weights, "reduced layers, if any")
     pre = dataclasses.replace(mean_std, resolution=size[0], resize=size[0])
-    if source is not None and has_folded_batchnorm(source.backbone if hasattr(source, "backbone") else source):
-        from mnv3.data.boxes import DetEvalSet
-
-        count = unfold_batchnorm(model, DetEvalSet(data.train, pre, size), images=64, batch=8)
-        note += (f"; its batch norm was folded into the convolutions: statistics estimated on {count} training "
-                 "images so that training starts from the same network")
+    note += restore_batchnorm(model, source, DetEvalSet(data.train, pre, size))
     return model, pre, note
 
 
@@ -264,21 +246,17 @@ def train_detect(data, out, *, size: tuple[int, int] = (320, 320), arch=None, we
     run folder `out` as the other tasks do (recipe, metrics, curves, checkpoint, model)."""
     import dataclasses
     import json
-    from pathlib import Path
 
     from mnv3.data.boxes import DetectionData, DetEvalSet, DetTrainSet, open_boxes
     from mnv3.files import atomic_write_text
+    from mnv3.train.dense import check_run_folder
     from mnv3.train.distributed import setup, teardown
-    from mnv3.train.engine import RunOptions, Trainer, TrainError
+    from mnv3.train.engine import RunOptions, Trainer
     from mnv3.train.recipe import load_recipe
     from mnv3.weights import ModelMeta, save
 
     recipe = recipe or load_recipe("detect")
-    out = Path(out)
-    if resume and not out.is_dir():
-        raise TrainError(f"{out}: no such run folder to resume")
-    if not resume and ((out / "checkpoint.pt").exists() or (out / "model.safetensors").exists()):
-        raise TrainError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+    out = check_run_folder(out, resume)
     data_set = data if isinstance(data, DetectionData) else open_boxes(data, skip_bad=skip_bad)
     d = setup(device)
     try:

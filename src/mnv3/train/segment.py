@@ -68,39 +68,21 @@ class SegmentationTask:
 DEFAULT_SEGMENT_ARCH = "mobilenet_v3_large"
 
 
-def transfer_backbone(model, source) -> tuple[int, int]:
-    """Copy every backbone tensor of `source` (a classifier or a segmentation model) whose name and
-    shape fit `model.backbone`; returns (copied, not copied). The RF2 backbone's halved last stage
-    does not fit ImageNet weights and starts from its random initialisation."""
-    theirs = source.backbone.state_dict() if hasattr(source, "backbone") else source.state_dict()
-    ours = model.backbone.state_dict()
-    fit = {k: v for k, v in theirs.items() if k in ours and ours[k].shape == v.shape}
-    model.backbone.load_state_dict(fit, strict=False)
-    return len(fit), len([k for k in ours if k not in fit])
-
-
 def prepare_segmenter(data, recipe, head_kind: str, size: tuple[int, int], arch=None, weights: str | None = None,
                       progress: bool = True):
     """(Segmenter, Preprocess, note): from `weights` (any source the classifier importers take, or a
     segmentation model file, whose head is kept when the classes match) or from `arch`."""
     import dataclasses
 
+    from mnv3.data.masks import SegEvalSet
     from mnv3.heads import lraspp, segment_backbone
     from mnv3.nn.lraspp import Segmenter, build_segmenter
-    from mnv3.presets import resolve_arch
-    from mnv3.train.classify import has_folded_batchnorm, unfold_batchnorm
-    from mnv3.weights import Preprocess, load, model_meta
+    from mnv3.train.dense import backbone_note, load_source, restore_batchnorm
 
     torch.manual_seed(recipe.seed)
     n = len(data.classes)
-    source, mean_std, note = None, Preprocess(), "from scratch"
-    if weights:
-        source = load(weights, arch, progress=progress)
-        base, mean_std = source.spec, model_meta(source).preprocess
-    else:
-        base = resolve_arch(arch or DEFAULT_SEGMENT_ARCH)
-    if recipe.bn_momentum is not None:
-        base = base.replace(bn_momentum=recipe.bn_momentum)
+    source, base, mean_std = load_source(weights, arch, DEFAULT_SEGMENT_ARCH, recipe, progress)
+    note = "from scratch"
     if isinstance(source, Segmenter):
         kind = source.head_spec.kind
         head = source.head_spec.replace(num_classes=n, resolution=size)
@@ -114,20 +96,9 @@ def prepare_segmenter(data, recipe, head_kind: str, size: tuple[int, int], arch=
         model.load_state_dict(source.state_dict())
         note = f"continued from {weights} (backbone and head)"
     elif source is not None:
-        copied, fresh = transfer_backbone(model, source)
-        if copied == 0:
-            from mnv3.train.engine import TrainError
-
-            raise TrainError(f"--weights {weights}: no backbone tensor fits {spec.name}; pass the backbone "
-                             "these weights were trained for (--arch)")
-        note = f"backbone from {weights}: {copied} tensors copied, {fresh} new (head and any changed layers)"
+        note = backbone_note(model, source, weights, "head and any changed layers")
     pre = dataclasses.replace(mean_std, resolution=size[0], resize=size[0])
-    if source is not None and has_folded_batchnorm(source.backbone if hasattr(source, "backbone") else source):
-        from mnv3.data.masks import SegEvalSet
-
-        n = unfold_batchnorm(model, SegEvalSet(data.train, pre, size), images=64, batch=8)
-        note += (f"; its batch norm was folded into the convolutions: statistics estimated on {n} training "
-                 "images so that training starts from the same network")
+    note += restore_batchnorm(model, source, SegEvalSet(data.train, pre, size))
     return model, pre, note
 
 
@@ -145,23 +116,19 @@ def train_segment(data, out, *, head: str = "lraspp", size: tuple[int, int] | No
     run folder `out` as classification training does (recipe, metrics, curves, checkpoint, model)."""
     import dataclasses
     import json
-    from pathlib import Path
 
     from PIL import Image
 
     from mnv3.data.masks import SegEvalSet, SegmentationData, SegTrainSet, open_masks
     from mnv3.files import atomic_write_text
+    from mnv3.train.dense import check_run_folder
     from mnv3.train.distributed import setup, teardown
-    from mnv3.train.engine import RunOptions, Trainer, TrainError
+    from mnv3.train.engine import RunOptions, Trainer
     from mnv3.train.recipe import load_recipe
     from mnv3.weights import ModelMeta, save
 
     recipe = recipe or load_recipe("segment")
-    out = Path(out)
-    if resume and not out.is_dir():
-        raise TrainError(f"{out}: no such run folder to resume")
-    if not resume and ((out / "checkpoint.pt").exists() or (out / "model.safetensors").exists()):
-        raise TrainError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+    out = check_run_folder(out, resume)
     data_set = data if isinstance(data, SegmentationData) else open_masks(data, ignore_index)
     if size is None:
         with Image.open(data_set.train.images[0]) as img:

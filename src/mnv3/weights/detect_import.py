@@ -20,7 +20,7 @@ from mnv3.heads import ssdlite
 from mnv3.nn.ssdlite import Detector, build_detector
 from mnv3.presets import candidates
 from mnv3.weights.model_file import ModelMeta, Preprocess, WeightsError, set_meta
-from mnv3.weights.state_dicts import map_state_dict, module_order
+from mnv3.weights.state_dicts import find_backbone, map_state_dict, module_order
 
 TORCHVISION_SIZE = (320, 320)
 
@@ -72,22 +72,8 @@ def import_torchvision_ssdlite(state: dict[str, torch.Tensor], arch: ArchSpec | 
     per_location = state["head.regression_head.module_list.0.1.weight"].shape[0] // 4
     num_classes = int(state[key].shape[0]) // per_location - 1
     tried = [arch] if arch is not None else [s for base in candidates() for s in (base, _reduced(base)) if s]
-    found = None
-    for spec in tried:
-        try:
-            with torch.device("meta"):
-                _, _, problems = _fit(state, spec, num_classes)
-        except SpecError:
-            continue
-        if not problems:
-            found = spec
-            break
-        if arch is not None:
-            shown = "\n  ".join(problems[:20])
-            raise WeightsError(f"{source}: the torchvision SSDLite weights do not fit {arch.name}:\n  {shown}")
-    if found is None:
-        raise WeightsError(f"{source}: these torchvision SSDLite weights match no preset backbone (full or "
-                           "reduced tail); pass --arch")
+    found = find_backbone(tried, lambda spec: _fit(state, spec, num_classes), arch, source,
+                          "torchvision SSDLite (full or reduced tail)")
     model, mapped, _ = _fit(state, found, num_classes)
     model.load_state_dict(mapped, strict=False)
     ids = tuple(str(i) for i in range(1, num_classes + 1))

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import torch
 
-from mnv3.arch import ArchSpec, SpecError
+from mnv3.arch import ArchSpec
 from mnv3.heads import lraspp, segment_backbone
 from mnv3.nn.lraspp import Segmenter, build_segmenter
 from mnv3.presets import candidates
 from mnv3.weights.model_file import ModelMeta, Preprocess, WeightsError, set_meta
-from mnv3.weights.state_dicts import map_state_dict, module_order
+from mnv3.weights.state_dicts import find_backbone, map_state_dict, module_order
 
 # torchvision's COCO_WITH_VOC_LABELS_V1 categories (Pascal VOC's 20 classes and the background).
 VOC_CLASSES = ("__background__", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
@@ -59,21 +59,8 @@ def import_torchvision_lraspp(state: dict[str, torch.Tensor], arch: ArchSpec | N
         raise WeightsError(f"{source}: a torchvision LR-ASPP state dict without classifier.low_classifier; "
                            "the file is incomplete")
     num_classes = int(state["classifier.low_classifier.weight"].shape[0])
-    found = None
-    for spec in [arch] if arch is not None else candidates():
-        try:
-            with torch.device("meta"):
-                _, _, problems = _fit(state, spec, num_classes, resolution)
-        except SpecError:
-            continue
-        if not problems:
-            found = spec
-            break
-        if arch is not None:
-            shown = "\n  ".join(problems[:20])
-            raise WeightsError(f"{source}: the torchvision LR-ASPP weights do not fit {arch.name}:\n  {shown}")
-    if found is None:
-        raise WeightsError(f"{source}: these torchvision LR-ASPP weights match no preset backbone; pass --arch")
+    found = find_backbone([arch] if arch is not None else candidates(),
+                          lambda spec: _fit(state, spec, num_classes, resolution), arch, source, "torchvision LR-ASPP")
     model, mapped, _ = _fit(state, found, num_classes, resolution)
     model.load_state_dict(mapped, strict=False)
     names = VOC_CLASSES if num_classes == len(VOC_CLASSES) else None

@@ -112,3 +112,23 @@ def num_classes_of(state: dict[str, torch.Tensor]) -> int:
     """Outputs of the classifier: the first dimension of the last weight in the state dict."""
     weights = [v for k, v in _ordered(state) if k.endswith("weight")]
     return int(weights[-1].shape[0]) if weights else 0
+
+
+def find_backbone(tried, fit, arch, source: str, what: str):
+    """The first spec of `tried` whose `fit(spec)` -> (model, mapped, problems) reports no problem,
+    tried on the meta device (nothing allocated); with `arch` given, its problems are the error."""
+    from mnv3.arch import SpecError
+    from mnv3.weights.model_file import WeightsError
+
+    for spec in tried:
+        try:
+            with torch.device("meta"):
+                _, _, problems = fit(spec)
+        except SpecError:
+            continue
+        if not problems:
+            return spec
+        if arch is not None:
+            shown = "\n  ".join(problems[:20])
+            raise WeightsError(f"{source}: the {what} weights do not fit {arch.name}:\n  {shown}")
+    raise WeightsError(f"{source}: these {what} weights match no preset backbone; pass --arch")
