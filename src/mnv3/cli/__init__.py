@@ -7,13 +7,13 @@ import argparse
 import contextlib
 import sys
 
-from mnv3.cli import adapt, bench, convert, info, lut, predict, search, train
+from mnv3.cli import adapt, bench, convert, export, info, lut, predict, search, train
 from mnv3.cli.common import _JSON_OUT, EXIT_USAGE, check_outputs
 
 # In the order of the workflow: look at a network, bring weights in, measure it on your device,
 # build the latency tables the search reads, search, train the winner, shrink it with NetAdapt, then
-# use the model.
-COMMANDS = (info, convert, bench, lut, search, train, adapt, predict)
+# use and export the model.
+COMMANDS = (info, convert, bench, lut, search, train, adapt, predict, export)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +32,7 @@ def errors() -> tuple[type[BaseException], ...]:
     from mnv3.adapt import PruneError
     from mnv3.arch import SpecError
     from mnv3.data import DataError
+    from mnv3.deploy import ExportError
     from mnv3.files import OutputError
     from mnv3.latency import LatencyError
     from mnv3.search.reward import RewardError
@@ -43,7 +44,7 @@ def errors() -> tuple[type[BaseException], ...]:
     from mnv3.weights import WeightsError
 
     return (SpecError, WeightsError, DataError, LatencyError, TrainError, RecipeError, OutputError,
-            ThreadsError, SearchError, RewardError, StrategyError, PruneError)
+            ThreadsError, SearchError, RewardError, StrategyError, PruneError, ExportError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,57 @@
+"""`mnv3 export`: a model file to ONNX, TFLite, PT2 or TorchScript, verified against eager."""
+
+from __future__ import annotations
+
+import argparse
+
+from mnv3.cli.common import add_json, add_output, add_threads, emit_json
+
+
+def register(sub) -> None:
+    p = sub.add_parser("export", help="export a model file to ONNX, TFLite, PT2 or TorchScript, verified",
+                       description="Export a model file (classifier, segmentation or detection; a detector "
+                                   "without its post-processing) with batch norm folded, its spec, head, "
+                                   "classes and preprocessing in the file's metadata, then verify it: the "
+                                   "file is run by its own runtime on real images and compared with the "
+                                   "eager model; a difference above the tolerance is an error and the file "
+                                   "is removed. An existing file is kept unless --force.")
+    p.add_argument("model", metavar="MODEL", help="model file (or any weights source `mnv3 convert` takes)")
+    p.add_argument("--format", choices=("onnx", "tflite", "pt2", "torchscript"), default=None,
+                   help="default: from the suffix of -o (.onnx, .tflite, .pt2, .pt)")
+    add_output(p, "-o", "--output", required=True, metavar="FILE", help="file to write")
+    p.add_argument("--arch", help="only for weights that do not carry their network")
+    batch = p.add_mutually_exclusive_group()
+    batch.add_argument("--batch", type=int, default=1, help="fixed batch of the exported graph (default 1)")
+    batch.add_argument("--dynamic-batch", action="store_true",
+                       help="any batch (ONNX, PT2, TorchScript; verified at batches 1 and 3)")
+    p.add_argument("--images", metavar="DIR",
+                   help="real images to verify on (default: scikit-learn's handwritten digits, offline)")
+    p.add_argument("--tolerance", type=float, default=1e-3,
+                   help="largest accepted |exported - eager|, relative to the largest eager output (default 1e-3)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    add_threads(p)
+    add_json(p, "path, format, batch, input_shape, output_shape, images, max_abs_diff, max_abs_output, tolerance")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mnv3.deploy import ExportError, export
+    from mnv3.train.threads import apply_threads
+    from mnv3.weights import load
+
+    if Path(args.output).exists() and not args.force:      # before any work
+        raise ExportError(f"{args.output} exists; pass --force to overwrite it")
+    apply_threads(args.threads)
+    model = load(args.model, arch=args.arch)
+    report = export(model, args.output, args.format, batch=args.batch, dynamic=args.dynamic_batch,
+                    images=args.images, tolerance=args.tolerance, force=args.force)
+    print(f"{args.model} -> {report.path} ({report.format}, batch {report.batch}, input {report.input_shape}, "
+          f"output {report.output_shape})")
+    print(f"  verified on {report.images} real image(s) at batch {', '.join(map(str, report.verified_batches))}: "
+          f"max |{report.format} - eager| = {report.max_abs_diff:.3g} (largest output {report.max_abs_output:.3g}, "
+          f"tolerance {report.tolerance:g} relative)")
+    if args.json:
+        emit_json(report.as_dict())
+    return 0

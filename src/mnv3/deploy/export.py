@@ -1,0 +1,329 @@
+"""Verified export of any mnv3 model (classifier, segmentation, detection) to ONNX, TFLite, PT2
+(`torch.export`) or TorchScript.
+
+Every export folds batch norm into the convolutions first (the backbone's own `fuse`, and every
+Conv2d -> BatchNorm2d pair of the heads), writes the file atomically with the model's description
+in the file's metadata where the format has a place for it (ONNX `metadata_props`, a TFLite
+metadata buffer named "mnv3", PT2 and TorchScript extra files "mnv3.json": the spec, the head, the
+classes and the preprocessing), and then **verifies** it: the exported file is loaded by its own
+runtime (ONNX Runtime, LiteRT, `torch.export.load`, `torch.jit.load`), run on real images prepared
+with the model's preprocessing, and compared with the eager model; a difference above the
+tolerance is an error and the file is removed. A dynamic batch is verified at a batch other than
+the one it was traced with. The network's output is exported as it is: a detector's raw box
+offsets and class logits (post-processing stays outside, see `mnv3.nn.ssdlite.postprocess`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import itertools
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+FORMATS = ("onnx", "tflite", "pt2", "torchscript")
+SUFFIXES = {".onnx": "onnx", ".tflite": "tflite", ".pt2": "pt2", ".pt": "torchscript", ".torchscript": "torchscript"}
+EXPORT_FORMAT = "mnv3.export/1"
+
+
+class ExportError(ValueError):
+    """An export that cannot be made or does not verify; the message says why and what to do."""
+
+
+@dataclass
+class ExportReport:
+    path: Path
+    format: str
+    batch: int | str
+    input_shape: list[int]
+    output_shape: list[int]
+    images: int
+    max_abs_diff: float
+    max_abs_output: float
+    tolerance: float
+    metadata: bool
+    verified_batches: list[int] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"path": str(self.path), "format": self.format, "batch": self.batch, "input_shape": self.input_shape,
+                "output_shape": self.output_shape, "images": self.images, "max_abs_diff": self.max_abs_diff,
+                "max_abs_output": self.max_abs_output, "tolerance": self.tolerance, "metadata": self.metadata,
+                "verified_batches": self.verified_batches}
+
+
+def format_of(path: str | Path, fmt: str | None) -> str:
+    """`fmt`, or the format the file name's suffix stands for."""
+    if fmt is not None:
+        if fmt not in FORMATS:
+            raise ExportError(f"--format {fmt}: unknown; expected one of {', '.join(FORMATS)}")
+        return fmt
+    suffix = Path(path).suffix.lower()
+    if suffix not in SUFFIXES:
+        raise ExportError(f"{path}: cannot tell the format from the suffix {suffix or '(none)'}; pass --format "
+                          f"({', '.join(FORMATS)}) or name the file .onnx, .tflite, .pt2 or .pt")
+    return SUFFIXES[suffix]
+
+
+# -- the model as exported -----------------------------------------------------------------------------
+@torch.no_grad()
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy of `model` in eval mode with every batch norm folded into the convolution before it."""
+    model = copy.deepcopy(model).eval()
+    if hasattr(model, "backbone") and hasattr(model.backbone, "fuse"):
+        model.backbone.fuse()
+    elif hasattr(model, "fuse"):
+        model.fuse()
+    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+        names = list(seq._modules)
+        for a, b in itertools.pairwise(names):
+            conv, bn = seq._modules[a], seq._modules[b]
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                seq._modules[a] = torch.nn.utils.fusion.fuse_conv_bn_eval(conv, bn)
+                seq._modules[b] = nn.Identity()
+    left = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    if left:
+        raise ExportError(f"{left} batch-norm layer(s) could not be folded (not after a convolution)")
+    return model
+
+
+def input_size(model) -> tuple[int, int]:
+    head = getattr(model, "head_spec", None)
+    if head is not None:
+        return tuple(head.resolution)
+    return model.spec.resolution, model.spec.resolution
+
+
+def description(model) -> dict:
+    """What the exported file records about the model (JSON-ready)."""
+    from mnv3.weights import model_meta
+
+    head = getattr(model, "head_spec", None)
+    meta = model_meta(model)
+    h, w = input_size(model)
+    return {"format": EXPORT_FORMAT, "task": head.task if head is not None else "classify",
+            "spec": json.loads(model.spec.to_json(indent=None)),
+            "head": head.to_dict() if head is not None else None, "num_classes": model.num_classes,
+            "meta": json.loads(meta.to_json()),
+            "input": {"layout": "NCHW", "height": h, "width": w, "dtype": "float32",
+                      "pixels": "RGB / 255, minus mean, divided by std (meta.preprocess)"}}
+
+
+# -- verification images -------------------------------------------------------------------------------
+def verification_batch(model, images: str | Path | None, count: int) -> torch.Tensor:
+    """`count` real images prepared as the model expects: from the folder `images` (its image files,
+    sorted), or scikit-learn's handwritten digits (offline) when None."""
+    from PIL import Image
+
+    from mnv3.weights import model_meta
+
+    pre = model_meta(model).preprocess
+    h, w = input_size(model)
+    if images is None:
+        from sklearn.datasets import load_digits
+
+        digits = load_digits().images[:count]
+        pictures = [Image.fromarray((d * 255 / 16).astype(np.uint8)).convert("RGB") for d in digits]
+    else:
+        from mnv3.data.images import IMAGE_SUFFIXES, load_image
+
+        folder = Path(images)
+        if not folder.is_dir():
+            raise ExportError(f"--images {folder}: no such folder")
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise ExportError(f"--images {folder}: no images in it (looked for {', '.join(IMAGE_SUFFIXES)})")
+        pictures = [load_image(p) for p in files[:count]]
+    while len(pictures) < count:
+        pictures = pictures + pictures
+    pixels = np.stack([np.asarray(p.resize((w, h), Image.BILINEAR), dtype=np.float32) for p in pictures[:count]])
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).div_(255.0)
+    return (x - torch.tensor(pre.mean).view(1, 3, 1, 1)) / torch.tensor(pre.std).view(1, 3, 1, 1)
+
+
+# -- writers and runners per format ---------------------------------------------------------------------
+def _write_onnx(model, x, tmp: Path, dynamic: bool, info: dict) -> None:
+    import onnx
+
+    axes = {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic else None
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(model, (x,), str(tmp), dynamo=False, opset_version=17, input_names=["input"],
+                              output_names=["output"], dynamic_axes=axes)
+        except (TypeError, ImportError):
+            shapes = ({"x": {0: torch.export.Dim("batch", min=1, max=1024)}},) if dynamic else None
+            torch.onnx.export(model, (x,), str(tmp), dynamo=True, external_data=False, input_names=["input"],
+                              output_names=["output"], dynamic_shapes=shapes)
+    proto = onnx.load(str(tmp))
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = "mnv3", json.dumps(info)
+    onnx.save(proto, str(tmp))
+
+
+def _run_onnx(path: Path, x: torch.Tensor) -> np.ndarray:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+
+
+def _write_tflite(model, x, tmp: Path, dynamic: bool, info: dict) -> None:
+    from mnv3.latency.runtimes import export_tflite
+
+    if dynamic:
+        raise ExportError("--dynamic-batch: the TFLite export has a fixed batch; pass --batch N instead")
+    export_tflite(model, x, tmp)
+    add_tflite_metadata(tmp, "mnv3", json.dumps(info).encode())
+
+
+def add_tflite_metadata(path: Path, name: str, data: bytes) -> None:
+    """Add a metadata entry (a named buffer) to a TFLite flatbuffer, in place."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromPackedBuf(bytearray(path.read_bytes()), 0)
+    buffer = schema.BufferT()
+    buffer.data = np.frombuffer(data, dtype=np.uint8)
+    model.buffers = list(model.buffers or []) + [buffer]
+    entry = schema.MetadataT()
+    entry.name, entry.buffer = name, len(model.buffers) - 1
+    model.metadata = [m for m in (model.metadata or []) if m.name != name.encode()] + [entry]
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    path.write_bytes(bytes(builder.Output()))
+
+
+def read_tflite_metadata(path: str | Path, name: str = "mnv3") -> bytes | None:
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromPackedBuf(bytearray(Path(path).read_bytes()), 0)
+    for entry in model.metadata or []:
+        if entry.name in (name, name.encode()):
+            return bytes(np.asarray(model.buffers[entry.buffer].data, dtype=np.uint8))
+    return None
+
+
+def _run_tflite(path: Path, x: torch.Tensor) -> np.ndarray:
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(path), num_threads=1)
+    interpreter.allocate_tensors()
+    detail = interpreter.get_input_details()[0]
+    if list(detail["shape"]) != list(x.shape):
+        raise ExportError(f"{path}: the TFLite input is {list(detail['shape'])}, not NCHW {list(x.shape)}")
+    interpreter.set_tensor(detail["index"], x.numpy())
+    interpreter.invoke()
+    return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+
+
+def _write_pt2(model, x, tmp: Path, dynamic: bool, info: dict) -> None:
+    shapes = ({0: torch.export.Dim("batch", min=1, max=1024)},) if dynamic else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(model, (x,), dynamic_shapes=shapes)
+    torch.export.save(program, str(tmp), extra_files={"mnv3.json": json.dumps(info)})
+
+
+def _run_pt2(path: Path, x: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        return torch.export.load(str(path)).module()(x).numpy()
+
+
+def _write_torchscript(model, x, tmp: Path, dynamic: bool, info: dict) -> None:
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, (x,), check_trace=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")             # torch.jit.save's deprecation notice
+        torch.jit.save(traced, str(tmp), _extra_files={"mnv3.json": json.dumps(info)})
+
+
+def _run_torchscript(path: Path, x: torch.Tensor) -> np.ndarray:
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")             # torch.jit.load's deprecation notice
+        return torch.jit.load(str(path))(x).numpy()
+
+
+WRITERS = {"onnx": (_write_onnx, _run_onnx), "tflite": (_write_tflite, _run_tflite),
+           "pt2": (_write_pt2, _run_pt2), "torchscript": (_write_torchscript, _run_torchscript)}
+
+
+# -- export ---------------------------------------------------------------------------------------------
+def export(model, path: str | Path, fmt: str | None = None, *, batch: int = 1, dynamic: bool = False,
+           images: str | Path | None = None, tolerance: float = 1e-3, force: bool = False) -> ExportReport:
+    """Export `model` to `path` (format from `fmt` or the suffix) and verify it (see the module doc).
+    `tolerance` is relative to the largest eager output: the file fails when max |file - eager| >
+    tolerance x max(1, max |eager|)."""
+    from mnv3.files import atomic_write
+
+    fmt = format_of(path, fmt)
+    path = Path(path)
+    if path.exists() and not force:
+        raise ExportError(f"{path} exists; pass --force to overwrite it")
+    if batch < 1:
+        raise ExportError(f"--batch: expected at least 1, got {batch}")
+    if not tolerance >= 0:
+        raise ExportError(f"--tolerance: expected a number >= 0, got {tolerance}")
+    write, run = WRITERS[fmt]
+    if fmt == "tflite" and dynamic:
+        raise ExportError("--dynamic-batch: the TFLite export has a fixed batch; pass --batch N instead")
+    folded = fold_batchnorm(model)
+    info = description(model)
+    info["input"]["batch"] = "dynamic" if dynamic else batch
+    trace_batch = 2 if dynamic else batch
+    x = verification_batch(model, images, max(trace_batch, 3 if dynamic else batch))
+    atomic_write(path, lambda tmp: write(folded, x[:trace_batch], tmp, dynamic, info))
+    batches = [1, 3] if dynamic else [batch]
+    worst, scale = 0.0, 0.0
+    try:
+        with torch.no_grad():
+            for b in batches:
+                eager = model.eval()(x[:b]).numpy()
+                got = run(path, x[:b])
+                if got.shape != eager.shape:
+                    raise ExportError(f"{path}: output shape {list(got.shape)} at batch {b}, eager {list(eager.shape)}")
+                worst = max(worst, float(np.abs(got - eager).max()))
+                scale = max(scale, float(np.abs(eager).max()))
+        if not worst <= tolerance * max(1.0, scale):
+            raise ExportError(f"{path}: verification failed: max |{fmt} - eager| = {worst:.3g} on "
+                              f"{max(batches)} real image(s), above {tolerance:g} x {max(1.0, scale):.3g}; the "
+                              "file was removed")
+    except Exception:
+        path.unlink(missing_ok=True)
+        raise
+    return ExportReport(path, fmt, "dynamic" if dynamic else batch, list(x[:trace_batch].shape),
+                        list(eager.shape), max(batches), worst, scale, tolerance, True, batches)
+
+
+def read_metadata(path: str | Path) -> dict | None:
+    """The mnv3 description an exported file carries (see `description`), or None."""
+    path = Path(path)
+    fmt = format_of(path, None)
+    if fmt == "onnx":
+        import onnx
+
+        props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        text = props.get("mnv3")
+    elif fmt == "tflite":
+        data = read_tflite_metadata(path)
+        text = data.decode() if data else None
+    elif fmt == "pt2":
+        import zipfile
+
+        with zipfile.ZipFile(path) as z:
+            names = [n for n in z.namelist() if n.endswith("/mnv3.json")]
+            text = z.read(names[0]).decode() if names else None
+    else:
+        files = {"mnv3.json": ""}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.jit.load(str(path), _extra_files=files)
+        text = files["mnv3.json"] or None
+    return json.loads(text) if text else None

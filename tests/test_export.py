@@ -1,0 +1,128 @@
+"""`mnv3 export` (issue 15, first part): every format exports and verifies for a tiny network of each
+task, the description travels in the file's metadata, a dynamic batch runs at other batches, and bad
+input is one clear error that leaves existing files alone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+import mnv3
+from mnv3.cli import main
+from mnv3.deploy import export, read_metadata
+from mnv3.deploy.export import ExportError, fold_batchnorm
+from mnv3.heads import lraspp, segment_backbone, ssdlite
+from mnv3.latency.runtimes import calibrate_batchnorm
+from mnv3.nn import build_dense
+from mnv3.presets import resolve_arch
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def classifier_file(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    # Batch-norm statistics from random images keep the outputs near unit scale (an untrained
+    # network's would shrink to ~1e-7, and any export would pass a comparison with them).
+    model = calibrate_batchnorm(mnv3.build(resolve_arch("mobilenet_v3_small", 0.35, 32), 10), (16, 3, 32, 32))
+    path = tmp_path_factory.mktemp("export") / "tiny.safetensors"
+    mnv3.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "tflite", "pt2", "torchscript"])
+def test_each_format_exports_and_verifies(classifier_file, tmp_path, capsys, fmt):
+    suffix = {"onnx": ".onnx", "tflite": ".tflite", "pt2": ".pt2", "torchscript": ".pt"}[fmt]
+    out = tmp_path / f"tiny{suffix}"
+    code, stdout, err = run(capsys, "export", classifier_file, "-o", out, "--json")
+    doc = json.loads(stdout)
+    assert code == 0, err
+    assert doc["format"] == fmt and doc["output_shape"] == [1, 10] and doc["max_abs_output"] > 1e-3
+    assert doc["max_abs_diff"] < 1e-3 * doc["max_abs_output"]
+    meta = read_metadata(out)
+    assert meta["task"] == "classify" and meta["spec"]["name"] == "mobilenet_v3_small_035_32"
+    assert meta["input"]["height"] == 32 and "preprocess" in meta["meta"]
+
+
+def test_dynamic_batch_runs_at_other_batches(classifier_file, tmp_path, capsys):
+    import onnxruntime as ort
+
+    out = tmp_path / "dyn.onnx"
+    code, stdout, _ = run(capsys, "export", classifier_file, "-o", out, "--dynamic-batch", "--json")
+    assert code == 0 and json.loads(stdout)["verified_batches"] == [1, 3]
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert sess.run(None, {"input": np.zeros((5, 3, 32, 32), np.float32)})[0].shape == (5, 10)
+
+
+@pytest.mark.parametrize("task", ["segment", "detect"])
+def test_dense_models_export(tmp_path, task):
+    torch.manual_seed(0)
+    base = resolve_arch("mobilenet_v3_small", 0.35)
+    if task == "segment":
+        size = (64, 96)
+        spec, head = segment_backbone(base, "lraspp", size), lraspp("lraspp", 4, size)
+    else:
+        size = (96, 96)
+        spec = base.replace(resolution=96)
+        head = ssdlite(spec, 3, size)
+    model = calibrate_batchnorm(build_dense(spec, head), (4, 3, *size))
+    report = export(model, tmp_path / f"{task}.onnx")
+    expected = [1, 4, 64, 96] if task == "segment" else [1, len(model.anchors()), 4 + 1 + 3]
+    assert report.output_shape == expected and report.max_abs_diff < 1e-4 * report.max_abs_output
+    assert read_metadata(report.path)["head"]["task"] == task
+
+
+def test_batchnorm_folded_everywhere():
+    spec = resolve_arch("mobilenet_v3_small", 0.35).replace(resolution=96)
+    model = build_dense(spec, ssdlite(spec, 3, (96, 96))).eval()
+    folded = fold_batchnorm(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())     # the original is kept
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        assert torch.allclose(folded(x), model(x), atol=1e-4)
+
+
+def test_verification_uses_given_images_and_fails_loudly(classifier_file, tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(2):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    out = tmp_path / "strict.onnx"
+    code, stdout, _ = run(capsys, "export", classifier_file, "-o", out, "--images", images, "--json")
+    doc = json.loads(stdout)
+    assert code == 0 and doc["images"] == 1 and doc["max_abs_diff"] > 0     # ORT's sums are not eager's
+    code, _, err = run(capsys, "export", classifier_file, "-o", out, "--images", images, "--tolerance", "0",
+                       "--force")
+    assert code == 2 and "verification failed" in err and "removed" in err and not out.exists()
+
+
+def test_bad_input_is_one_clear_error(classifier_file, tmp_path, capsys):
+    out = tmp_path / "a.onnx"
+    out.write_text("keep me")
+    code, _, err = run(capsys, "export", classifier_file, "-o", out)
+    assert code == 2 and "--force" in err and out.read_text() == "keep me"
+    code, _, err = run(capsys, "export", classifier_file, "-o", tmp_path / "a.xyz")
+    assert code == 2 and "cannot tell the format" in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = run(capsys, "export", classifier_file, "-o", tmp_path / "b.onnx", "--images", empty)
+    assert code == 2 and "no images" in err and not (tmp_path / "b.onnx").exists()
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(2)}, str(plain))
+    code, _, err = run(capsys, "export", plain, "-o", tmp_path / "c.onnx")
+    assert code == 2 and "Traceback" not in err and str(plain) in err
+    code, _, err = run(capsys, "export", classifier_file, "-o", tmp_path / "d.tflite", "--dynamic-batch")
+    assert code == 2 and "fixed batch" in err
+    with pytest.raises(ExportError, match="unknown"):
+        export(mnv3.load(classifier_file), tmp_path / "e.onnx", "keras")
