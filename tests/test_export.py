@@ -126,3 +126,29 @@ def test_bad_input_is_one_clear_error(classifier_file, tmp_path, capsys):
     assert code == 2 and "fixed batch" in err
     with pytest.raises(ExportError, match="unknown"):
         export(mnv3.load(classifier_file), tmp_path / "e.onnx", "keras")
+
+
+def test_eval_predict_and_bench_take_exported_files(classifier_file, tmp_path, capsys):
+    folder = tmp_path / "val"
+    rng = np.random.default_rng(0)
+    for c in ("0", "1"):
+        (folder / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (36, 36, 3), dtype=np.uint8)).save(folder / c / f"{i}.png")
+    code, stdout, _ = run(capsys, "eval", "--weights", classifier_file, "--data", folder, "--json", "--no-progress")
+    reference = json.loads(stdout)
+    for name, extra in (("fixed.onnx", ["--batch", "4"]), ("tiny.tflite", [])):
+        out = tmp_path / name
+        assert run(capsys, "export", classifier_file, "-o", out, *extra)[0] == 0
+        code, stdout, err = run(capsys, "eval", "--weights", out, "--data", folder, "--json", "--no-progress",
+                                "--batch-size", "5")          # 6 images in batches of 5 through a batch-4 graph
+        assert code == 0, err
+        assert json.loads(stdout) == reference
+    code, stdout, _ = run(capsys, "predict", "--weights", tmp_path / "fixed.onnx", folder / "0" / "0.png", "--json")
+    assert code == 0 and len(json.loads(stdout)["results"][0]["top"]) == 5
+    code, stdout, err = run(capsys, "bench", tmp_path / "fixed.onnx", "--runtime", "onnxruntime", "--json",
+                            "--csv", tmp_path / "b.csv", "--no-progress")
+    doc = json.loads(stdout)
+    assert code == 0 and doc["results"][0]["arch"] == "fixed.onnx" and doc["results"][0]["median_ms"] > 0
+    code, _, err = run(capsys, "bench", tmp_path / "fixed.onnx", "--runtime", "litert", "--csv", tmp_path / "c.csv")
+    assert code == 2 and "--runtime onnxruntime" in err

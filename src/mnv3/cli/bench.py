@@ -32,7 +32,9 @@ def register(sub) -> None:
                                    "timed whole (backbone, head and the final upsampling) at its "
                                    "resolution; a detector (--task detect) is timed as a network: "
                                    "backbone, extra layers and heads up to the raw box offsets and class "
-                                   "logits, without the post-processing (decoding, NMS).")
+                                   "logits, without the post-processing (decoding, NMS). An exported "
+                                   "file (.onnx on onnxruntime, .tflite from `mnv3 export` on litert) is "
+                                   "timed as it is: the deployed file's latency.")
     p.add_argument("archs", nargs="+", metavar="ARCH")
     p.add_argument("--runtime", required=True, help="torch, torch-fused, onnxruntime or litert")
     p.add_argument("--threads", type=int, default=1, help="threads the runtime may use (default 1)")
@@ -67,8 +69,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     env = runtime.environment(threads, args.batch, nets[0][2][0])
     print(f"{env.runtime} {env.runtime_version} on {env.cpu} ({env.cores} cores), {threads} thread(s), "
           f"batch {args.batch}, at least {args.runs} timed runs each", flush=True)
-    sessions = [runtime.session(spec, threads=threads, batch=args.batch) if module is None else
-                runtime.session(module, threads=threads, input_shape=(args.batch, 3, *size))
+    sessions = [_session(runtime, threads, args.batch, spec, module, size)
                 for spec, module, size, _ in tqdm(nets, desc="prepare", unit="net", file=sys.stderr,
                                                   disable=args.no_progress)]
     if len(sessions) == 1:
@@ -104,12 +105,59 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _session(runtime, threads: int, batch: int, spec, module, size):
+    """A timing session: an exported file run as it is, a spec converted (and cached), a module."""
+    from pathlib import Path
+
+    if isinstance(module, Path):
+        return _file_session(runtime, module, threads, batch)
+    if module is None:
+        return runtime.session(spec, threads=threads, batch=batch)
+    return runtime.session(module, threads=threads, input_shape=(batch, 3, *size))
+
+
+def _file_session(runtime, path, threads: int, batch: int):
+    """The exported file itself on its runtime (.onnx: onnxruntime, .tflite: litert), at the batch
+    it was exported with (a dynamic batch: --batch)."""
+    import numpy as np
+
+    from mnv3.deploy import read_metadata
+    from mnv3.deploy.runner import RUNNABLE
+    from mnv3.latency import LatencyError
+
+    wanted = RUNNABLE[path.suffix.lower()]
+    if runtime.name != wanted:
+        raise LatencyError(f"{path}: an exported {path.suffix} file runs on {wanted}; pass --runtime {wanted}")
+    if wanted == "litert":
+        return runtime.session_from_tflite(path.read_bytes(), threads)
+    info = read_metadata(path)["input"]
+    b = batch if info.get("batch") == "dynamic" else int(info.get("batch", 1))
+    x = np.random.default_rng(0).standard_normal((b, 3, info["height"], info["width"])).astype(np.float32)
+    return runtime.session_from_onnx(path.read_bytes(), x, threads)
+
+
 def _network(args: argparse.Namespace, arch: str):
-    """(spec, module or None, (h, w), (name, params, MACs)): a classifier is timed from its spec (its
-    conversion cached), a segmentation or detection model as a module at its own resolution (a
-    detector without its post-processing: the network's raw boxes and logits)."""
+    """(spec, module, path or None, (h, w), (name, params, MACs)): a classifier is timed from its
+    spec (its conversion cached), a segmentation or detection model as a module at its own
+    resolution (a detector without its post-processing: the network's raw boxes and logits), an
+    exported file (.onnx, or a .tflite that `mnv3 export` wrote) as the file itself."""
+    from pathlib import Path
+
     from mnv3.arch import is_model_file
     from mnv3.complexity import count
+    from mnv3.deploy.runner import ExportedModel, is_exported
+
+    if is_exported(arch):
+        exported = ExportedModel(arch)
+        spec, head = exported.spec, getattr(exported, "head_spec", None)
+        if head is None:
+            cost = count(spec, exported.num_classes)
+            return spec, Path(arch), (spec.resolution, spec.resolution), (Path(arch).name, cost.params, cost.macs)
+        from mnv3.nn import build_dense
+        from mnv3.nn.profile import module_cost
+
+        params, macs, _ = module_cost(lambda: build_dense(spec, head), tuple(head.resolution))
+        return spec, Path(arch), tuple(head.resolution), (Path(arch).name, params, macs)
 
     spec, head = dense_from_args(args, arch)
     if head is None:

@@ -20,7 +20,8 @@ def register(sub) -> None:
                                    "(mIoU and per-class IoU from one confusion matrix, pixel accuracy); a "
                                    "detector on the val split of a COCO-JSON or YOLO data set (COCO "
                                    "mAP@[.5:.95], mAP@.5 and per-class AP with pycocotools).")
-    p.add_argument("--weights", required=True, metavar="FILE", help="model file (or any SOURCE convert takes)")
+    p.add_argument("--weights", required=True, metavar="FILE",
+                   help="model file, an exported .onnx/.tflite file (scored as deployed), or any SOURCE convert takes")
     p.add_argument("--data", required=True, metavar="FOLDER")
     p.add_argument("--arch", help="only for weights that do not carry their network")
     p.add_argument("--batch-size", type=int, default=32)
@@ -47,7 +48,8 @@ def register(sub) -> None:
                                    "or unreadable image is reported on one line and the others are still "
                                    "predicted; the exit code is then 2.")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders of images")
-    p.add_argument("--weights", required=True, metavar="FILE", help="model file (or any SOURCE convert takes)")
+    p.add_argument("--weights", required=True, metavar="FILE",
+                   help="model file, an exported .onnx/.tflite file, or any SOURCE convert takes")
     p.add_argument("--arch", help="only for weights that do not carry their network")
     p.add_argument("--top", type=int, default=5, help="how many classes to print (default 5)")
     add_output(p, "--out", kind="dir", metavar="DIR",
@@ -59,6 +61,17 @@ def register(sub) -> None:
                 "results [{image, mask, overlay, classes}]; for a detector results [{image, png, detections: "
                 "[{label, score, box}]}], coco_results")
     p.set_defaults(func=cmd_predict)
+
+
+def load_model(source: str, arch: str | None, threads: int | None):
+    """A model file or weights source as a model; an exported file (.onnx, or a .tflite that
+    `mnv3 export` wrote) as an `ExportedModel` that runs the file itself."""
+    from mnv3.deploy.runner import ExportedModel, is_exported
+    from mnv3.weights import load
+
+    if is_exported(source):
+        return ExportedModel(source, threads=threads or 1)
+    return load(source, arch=arch)
 
 
 def add_postprocess(p: argparse.ArgumentParser, score: float) -> None:
@@ -106,13 +119,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from mnv3.data import DataError
     from mnv3.train.evaluate import predict
     from mnv3.train.threads import apply_threads
-    from mnv3.weights import load
 
     if args.top < 1:
         raise DataError(f"--top: expected at least 1, got {args.top}")
     images = expand_images(args.images)
-    apply_threads(args.threads)
-    model = load(args.weights, arch=args.arch)
+    threads = apply_threads(args.threads)
+    model = load_model(args.weights, args.arch, threads)
     if getattr(model, "head_spec", None) is not None and model.head_spec.task == "detect":
         return _predict_boxes(args, model, images)
     if hasattr(model, "head_spec"):
@@ -222,10 +234,9 @@ def _predict_boxes(args: argparse.Namespace, model, images: list[str]) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from mnv3.train.evaluate import evaluate, evaluate_detection, evaluate_segmentation
     from mnv3.train.threads import apply_threads
-    from mnv3.weights import load
 
-    apply_threads(args.threads, workers=args.workers)
-    model = load(args.weights, arch=args.arch)
+    threads = apply_threads(args.threads, workers=args.workers)
+    model = load_model(args.weights, args.arch, threads)
     if getattr(model, "head_spec", None) is not None and model.head_spec.task == "detect":
         result = evaluate_detection(model, args.data, batch_size=args.batch_size, workers=args.workers,
                                     progress=not args.no_progress, post=postprocess_options(args),
