@@ -152,3 +152,24 @@ def test_eval_predict_and_bench_take_exported_files(classifier_file, tmp_path, c
     assert code == 0 and doc["results"][0]["arch"] == "fixed.onnx" and doc["results"][0]["median_ms"] > 0
     code, _, err = run(capsys, "bench", tmp_path / "fixed.onnx", "--runtime", "litert", "--csv", tmp_path / "c.csv")
     assert code == 2 and "--runtime onnxruntime" in err
+
+
+def test_int8_onnx_export_and_op_report(classifier_file, tmp_path, capsys):
+    out = tmp_path / "int8.onnx"
+    code, stdout, err = run(capsys, "export", classifier_file, "-o", out, "--int8", "--calibration-images", "8",
+                            "--report", "--json")
+    doc = json.loads(stdout)
+    assert code == 0, err
+    assert doc["tolerance"] == 0.25 and 0 < doc["max_abs_diff"] <= 0.25 * max(1.0, doc["max_abs_output"])
+    ops = doc["ops"]           # MobileNetV3-Small: convolutions in integer; its hard-sigmoid gates are not
+    assert ops["integer"]["QLinearConv"] > 10 and ops["float"].get("HardSigmoid", 0) > 0
+    assert ops["quantize"] == ops["dequantize"] > 0
+    assert read_metadata(out)["int8"]["calibration"] == "digits"
+    float_ops = run(capsys, "export", classifier_file, "-o", tmp_path / "f.onnx", "--report", "--json")[1]
+    assert json.loads(float_ops)["ops"]["integer"] == {}
+    code, _, err = run(capsys, "export", classifier_file, "-o", tmp_path / "q.tflite", "--int8")
+    assert code == 2 and "ONNX only" in err
+    empty = tmp_path / "nothing"
+    empty.mkdir()
+    code, _, err = run(capsys, "export", classifier_file, "-o", tmp_path / "q.onnx", "--int8", "--calibration", empty)
+    assert code == 2 and "--calibration" in err and "no images" in err and not (tmp_path / "q.onnx").exists()

@@ -116,7 +116,7 @@ def description(model) -> dict:
 
 
 # -- verification images -------------------------------------------------------------------------------
-def verification_batch(model, images: str | Path | None, count: int) -> torch.Tensor:
+def verification_batch(model, images: str | Path | None, count: int, flag: str = "--images") -> torch.Tensor:
     """`count` real images prepared as the model expects: from the folder `images` (its image files,
     sorted), or scikit-learn's handwritten digits (offline) when None."""
     from PIL import Image
@@ -135,10 +135,10 @@ def verification_batch(model, images: str | Path | None, count: int) -> torch.Te
 
         folder = Path(images)
         if not folder.is_dir():
-            raise ExportError(f"--images {folder}: no such folder")
+            raise ExportError(f"{flag} {folder}: no such folder")
         files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
-            raise ExportError(f"--images {folder}: no images in it (looked for {', '.join(IMAGE_SUFFIXES)})")
+            raise ExportError(f"{flag} {folder}: no images in it (looked for {', '.join(IMAGE_SUFFIXES)})")
         pictures = [load_image(p) for p in files[:count]]
     while len(pictures) < count:
         pictures = pictures + pictures
@@ -257,13 +257,19 @@ WRITERS = {"onnx": (_write_onnx, _run_onnx), "tflite": (_write_tflite, _run_tfli
 
 # -- export ---------------------------------------------------------------------------------------------
 def export(model, path: str | Path, fmt: str | None = None, *, batch: int = 1, dynamic: bool = False,
-           images: str | Path | None = None, tolerance: float = 1e-3, force: bool = False) -> ExportReport:
+           images: str | Path | None = None, tolerance: float | None = None, force: bool = False,
+           int8: bool = False, calibration: str | Path | None = None, calibration_images: int = 64) -> ExportReport:
     """Export `model` to `path` (format from `fmt` or the suffix) and verify it (see the module doc).
     `tolerance` is relative to the largest eager output: the file fails when max |file - eager| >
-    tolerance x max(1, max |eager|)."""
+    tolerance x max(1, max |eager|) (default 1e-3; 0.25 for int8). `int8` (ONNX only so far):
+    static post-training quantization, see `quantize_onnx`."""
     from mnv3.files import atomic_write
 
     fmt = format_of(path, fmt)
+    tolerance = (0.25 if int8 else 1e-3) if tolerance is None else tolerance
+    if int8 and fmt != "onnx":
+        raise ExportError(f"--int8 --format {fmt}: int8 export is built for ONNX only so far (LiteRT int8 is "
+                          "not yet); use -o FILE.onnx")
     path = Path(path)
     if path.exists() and not force:
         raise ExportError(f"{path} exists; pass --force to overwrite it")
@@ -279,7 +285,17 @@ def export(model, path: str | Path, fmt: str | None = None, *, batch: int = 1, d
     info["input"]["batch"] = "dynamic" if dynamic else batch
     trace_batch = 2 if dynamic else batch
     x = verification_batch(model, images, max(trace_batch, 3 if dynamic else batch))
-    atomic_write(path, lambda tmp: write(folded, x[:trace_batch], tmp, dynamic, info))
+    if int8:
+        info["int8"] = {"scheme": "static QDQ, activations uint8 per tensor, weights int8 per channel",
+                        "calibration": str(calibration or "digits"), "calibration_images": calibration_images}
+        calib = verification_batch(model, calibration, calibration_images, "--calibration")
+
+        def write_int8(tmp: Path) -> None:
+            write(folded, x[:trace_batch], tmp, dynamic, info)
+            quantize_onnx(tmp, calib)
+        atomic_write(path, write_int8)
+    else:
+        atomic_write(path, lambda tmp: write(folded, x[:trace_batch], tmp, dynamic, info))
     batches = [1, 3] if dynamic else [batch]
     worst, scale = 0.0, 0.0
     try:
@@ -300,6 +316,83 @@ def export(model, path: str | Path, fmt: str | None = None, *, batch: int = 1, d
         raise
     return ExportReport(path, fmt, "dynamic" if dynamic else batch, list(x[:trace_batch].shape),
                         list(eager.shape), max(batches), worst, scale, tolerance, True, batches)
+
+
+# -- int8 ---------------------------------------------------------------------------------------------
+def quantize_onnx(path: Path, calibration: torch.Tensor) -> None:
+    """Static post-training quantization of the float ONNX file at `path`, in place: ONNX Runtime's
+    QDQ format, activations uint8 with one scale per tensor from min/max over the calibration
+    images, weights int8 with one scale per output channel (per-tensor weight scales lose most of
+    MobileNet's accuracy: its depthwise filters differ in range by orders of magnitude). U8S8 is ONNX
+    Runtime's fast path on x86 (S8S8 falls back to slow kernels on AVX2)."""
+    import tempfile
+
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    data = calibration.numpy()
+    name = onnx.load(str(path), load_external_data=False).graph.input[0].name
+    metadata = list(onnx.load(str(path)).metadata_props)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.i = 0
+
+        def get_next(self):
+            if self.i >= len(data):
+                return None
+            self.i += 1
+            return {name: data[self.i - 1:self.i]}
+
+    with tempfile.TemporaryDirectory(prefix="mnv3-int8-") as tmp:
+        source = Path(tmp) / "pre.onnx"
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            try:
+                quant_pre_process(str(path), str(source))     # shape inference and graph clean-up
+            except Exception:                                   # noqa: BLE001 - optional step: quantize as is
+                source = path
+            quantize_static(str(source), str(Path(tmp) / "int8.onnx"), Reader(), quant_format=QuantFormat.QDQ,
+                            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        proto = onnx.load(str(Path(tmp) / "int8.onnx"))
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(metadata)
+    onnx.save(proto, str(path))
+
+
+INTEGER_OPS = ("QLinear", "QGemm", "ConvInteger", "MatMulInteger", "QAttention", "QEmbed")
+
+
+def op_report(path: str | Path) -> dict:
+    """What ONNX Runtime runs in integer and what in float: the graph after its own optimisations
+    (the QDQ fusions that turn DequantizeLinear -> op -> QuantizeLinear into QLinearConv, QLinearMul,
+    ...), counted per op type. An op left between a DequantizeLinear and a QuantizeLinear has no
+    integer kernel (HardSigmoid, ReduceMean in MobileNetV3): it runs in float, and each such island
+    costs a dequantize/quantize pair."""
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="mnv3-ops-") as tmp:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        graph = onnx.load(options.optimized_model_filepath).graph
+    integer: dict[str, int] = {}
+    other: dict[str, int] = {}
+    q = dq = 0
+    for n in graph.node:
+        if n.op_type == "QuantizeLinear":
+            q += 1
+        elif n.op_type == "DequantizeLinear":
+            dq += 1
+        else:
+            table = integer if n.op_type.startswith(INTEGER_OPS) else other
+            table[n.op_type] = table.get(n.op_type, 0) + 1
+    return {"integer": integer, "float": other, "quantize": q, "dequantize": dq}
 
 
 def read_metadata(path: str | Path) -> dict | None:
