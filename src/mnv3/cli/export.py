@@ -25,7 +25,8 @@ def register(sub) -> None:
     batch.add_argument("--dynamic-batch", action="store_true",
                        help="any batch (ONNX, PT2, TorchScript; verified at batches 1 and 3)")
     p.add_argument("--images", metavar="DIR",
-                   help="real images to verify on (default: scikit-learn's handwritten digits, offline)")
+                   help="real images to verify on (default: the --calibration images with --int8, else "
+                        "scikit-learn's handwritten digits, offline)")
     p.add_argument("--tolerance", type=float, default=None,
                    help="largest accepted |exported - eager|, relative to the largest eager output (default "
                         "1e-3; 0.25 with --int8)")

@@ -280,6 +280,8 @@ def export(model, path: str | Path, fmt: str | None = None, *, batch: int = 1, d
     write, run = WRITERS[fmt]
     if fmt == "tflite" and dynamic:
         raise ExportError("--dynamic-batch: the TFLite export has a fixed batch; pass --batch N instead")
+    if int8 and images is None:
+        images = calibration       # an int8 graph is checked on the kind of images it was calibrated for
     folded = fold_batchnorm(model)
     info = description(model)
     info["input"]["batch"] = "dynamic" if dynamic else batch
