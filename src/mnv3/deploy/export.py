@@ -280,13 +280,14 @@ def export(model, path: str | Path, fmt: str | None = None, *, batch: int = 1, d
     write, run = WRITERS[fmt]
     if fmt == "tflite" and dynamic:
         raise ExportError("--dynamic-batch: the TFLite export has a fixed batch; pass --batch N instead")
+    images_flag = "--images"
     if int8 and images is None:
-        images = calibration       # an int8 graph is checked on the kind of images it was calibrated for
+        images, images_flag = calibration, "--calibration"     # checked on the kind of images it was calibrated for
     folded = fold_batchnorm(model)
     info = description(model)
     info["input"]["batch"] = "dynamic" if dynamic else batch
     trace_batch = 2 if dynamic else batch
-    x = verification_batch(model, images, max(trace_batch, 3 if dynamic else batch))
+    x = verification_batch(model, images, max(trace_batch, 3 if dynamic else batch), images_flag)
     if int8:
         info["int8"] = {"scheme": "static QDQ, activations uint8 per tensor, weights int8 per channel",
                         "calibration": str(calibration or "digits"), "calibration_images": calibration_images}
