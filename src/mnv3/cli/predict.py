@@ -231,6 +231,16 @@ def _predict_boxes(args: argparse.Namespace, model, images: list[str]) -> int:
     return EXIT_USAGE if failed else 0
 
 
+def _per_class(args: argparse.Namespace, result, headline: str) -> int:
+    """Print a dense model's score line and its per-class scores (- for a class never seen)."""
+    print(headline)
+    for name, value in result.per_class.items():
+        print(f"  {name:<20} {'-' if math.isnan(value) else f'{value:.2%}'}")
+    if args.json:
+        emit_json(result.as_dict())
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from mnv3.train.evaluate import evaluate, evaluate_detection, evaluate_segmentation
     from mnv3.train.threads import apply_threads
@@ -241,23 +251,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         result = evaluate_detection(model, args.data, batch_size=args.batch_size, workers=args.workers,
                                     progress=not args.no_progress, post=postprocess_options(args),
                                     skip_bad=args.skip_bad_boxes)
-        print(f"{model.spec.name} + ssdlite on {args.data} (val, {result.images} images): "
-              f"mAP@[.5:.95] {result.map:.2%}, mAP@.5 {result.map50:.2%}")
-        for name, ap in result.per_class.items():
-            print(f"  {name:<20} {'-' if math.isnan(ap) else f'{ap:.2%}'}")
-        if args.json:
-            emit_json(result.as_dict())
-        return 0
+        return _per_class(args, result, f"{model.spec.name} + ssdlite on {args.data} (val, {result.images} images): "
+                                        f"mAP@[.5:.95] {result.map:.2%}, mAP@.5 {result.map50:.2%}")
     if hasattr(model, "head_spec"):
         result = evaluate_segmentation(model, args.data, args.ignore_index, batch_size=args.batch_size,
                                        workers=args.workers, progress=not args.no_progress)
-        print(f"{model.spec.name} + {model.head_spec.kind} on {args.data} (val, {result.images} images): "
-              f"mIoU {result.miou:.2%}, pixel accuracy {result.pixel_acc:.2%}")
-        for name, iou in result.per_class.items():
-            print(f"  {name:<20} {'-' if math.isnan(iou) else f'{iou:.2%}'}")
-        if args.json:
-            emit_json(result.as_dict())
-        return 0
+        return _per_class(args, result, f"{model.spec.name} + {model.head_spec.kind} on {args.data} (val, "
+                                        f"{result.images} images): mIoU {result.miou:.2%}, pixel accuracy "
+                                        f"{result.pixel_acc:.2%}")
     result = evaluate(model, args.data, batch_size=args.batch_size, workers=args.workers,
                       progress=not args.no_progress)
     print(f"{model.spec.name} on {args.data}: top-1 {result.top1:.2%}, top-5 {result.top5:.2%} "
