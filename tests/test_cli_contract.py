@@ -70,6 +70,7 @@ MINIMAL = {
     "adapt": ["--weights", "m.safetensors", "--data", "digits", "--target-ratio", "0.8"],
     "eval": ["--weights", "m.safetensors", "--data", "folder"],
     "predict": ["--weights", "m.safetensors", "image.jpg"],
+    "export": ["m.safetensors", "-o", "m.onnx"],
 }
 
 
@@ -126,7 +127,7 @@ def network_arguments() -> set[tuple[str, str]]:
     found = set()
     for name, parser in commands().items():
         for action in parser._actions:
-            if action.dest in ("arch", "archs", "space") and not (name in ("eval", "predict", "convert")):
+            if action.dest in ("arch", "archs", "space") and name not in ("eval", "predict", "convert", "export"):
                 found.add((name, action.option_strings[-1] if action.option_strings else action.dest))
     return found
 
@@ -204,6 +205,7 @@ JSON_RUNS = {
                "--batch-size", "64", "--no-progress", "--out", "{tmp}/run"]],
     "eval": [["eval", "--weights", "{model}", "--data", str(HYMENOPTERA / "val"), "--no-progress"]],
     "predict": [["predict", "--weights", "{model}", str(HYMENOPTERA / "val" / "ants")]],
+    "export": [["export", "{model}", "-o", "{tmp}/e.onnx"]],
 }
 # lut build and validate measure a table (a minute even for a tiny space), search trains networks:
 # their --json is parsed as one document in tests/test_lut.py (test_lut_build_kill_resume_and_validate_cli),
