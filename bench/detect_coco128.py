@@ -3,8 +3,10 @@
 Both start from the TensorFlow authors' MobileNetV3-Large-minimalistic (../shared/weights, uint8
 TFLite, batch norm folded: statistics are re-estimated on 64 training images first, as `mnv3 train`
 does) and train on coco128's 128 train2017 images at 320x320 with the `detect` recipe (SGD, cosine,
-batch 16 at lr 0.05: 8 steps an epoch want a faster rate than the recipe's; the same batches in the same order, the same augmentation from `mnv3.data.boxes`); both
-are scored on coco128's 128 val2017 images by the same pycocotools evaluation.
+batch 16), at lr 0.05 (8 steps an epoch want a faster rate than the recipe's 0.0094 at batch 16:
+tried, it barely moved), the same batches in the same order and the same augmentation from
+`mnv3.data.boxes` (`--augment`: the recipe's ssdlite policy, or ssd); both are scored on coco128's
+128 val2017 images by the same pycocotools evaluation.
 
 - ours: `mnv3.train.detect.train_detect` (the engine: our matching, loss, post-processing);
 - torchvision's: the model `ssdlite320_mobilenet_v3_large` assembles (`MobileNetV3` features split
@@ -18,11 +20,10 @@ are scored on coco128's 128 val2017 images by the same pycocotools evaluation.
 Training time counts the training steps only (not the per-epoch evaluation); as the two runs go one
 after the other, a load on the machine would favour one, so the script also times single training
 steps of both side by side (alternating, 20 rounds on one batch) and prints the median ratio. Runs
-live in
-bench/results/detect_coco128/{mnv3,torchvision}/ and resume when the script is run again; a larger
---epochs extends them.
+live in bench/results/detect_coco128/<augment>/{mnv3,torchvision}/ and resume when the script is run
+again; a larger --epochs extends them.
 
-    python bench/detect_coco128.py [--epochs 40] [--lr 0.05] [--batch 16] [--size 320]
+    python bench/detect_coco128.py [--epochs 40] [--lr 0.05] [--augment ssdlite|ssd] [--batch 16] [--size 320]
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from mnv3.train.recipe import load_recipe
 
 COCO128 = SHARED / "data" / "coco128"
 WEIGHTS = SHARED / "weights" / "v3-large-minimalistic_224_1.0_uint8.tflite"
-OUT = RESULTS / "detect_coco128"
+RUNS = RESULTS / "detect_coco128"
 
 
 def log(text: str) -> None:
@@ -55,11 +56,12 @@ def log(text: str) -> None:
 
 def recipe_for(args):
     return load_recipe("detect").override({"epochs": str(args.epochs), "batch_size": str(args.batch),
-                                           "lr": str(args.lr), "lr_batch": str(args.batch)})
+                                           "lr": str(args.lr), "lr_batch": str(args.batch),
+                                           "det_augment": args.augment})
 
 
 def run_ours(args, data, size) -> dict:
-    out = OUT / "mnv3"
+    out = RUNS / args.augment / "mnv3"
     resume = (out / "checkpoint.pt").is_file()
     log(f"mnv3: training {args.epochs} epochs at {size[0]}x{size[1]}" + (" (resumed)" if resume else ""))
     result = train_detect(data, out, size=size, weights=str(WEIGHTS), recipe=recipe_for(args), resume=resume,
@@ -105,7 +107,7 @@ def torchvision_ssdlite(ours, num_classes: int, size):
 
 def run_torchvision(args, data, size) -> dict:
     """The same batches, augmentation and schedule through torchvision's SSD training forward."""
-    out = OUT / "torchvision"
+    out = RUNS / args.augment / "torchvision"
     out.mkdir(parents=True, exist_ok=True)
     recipe = recipe_for(args)
     ours, pre, _ = prepare_detector(data, recipe, size, weights=str(WEIGHTS), progress=False)
@@ -120,7 +122,7 @@ def run_torchvision(args, data, size) -> dict:
         optimizer.load_state_dict(saved["optimizer"])
         state = saved["state"]
         log(f"torchvision: resumed after epoch {state['epoch']}")
-    train_set = DetTrainSet(data.train, pre, size, recipe.seed, recipe.hflip)
+    train_set = DetTrainSet(data.train, pre, size, recipe.seed, recipe.hflip, recipe.det_augment)
     steps = len(train_set) // recipe.batch_size
     torch.manual_seed(recipe.seed)
     while state["epoch"] < recipe.epochs:
@@ -165,7 +167,8 @@ def paired_steps(args, data, size, rounds: int = 20) -> float:
     recipe = recipe_for(args)
     ours, pre, _ = prepare_detector(data, recipe, size, weights=str(WEIGHTS), progress=False)
     peer = torchvision_ssdlite(ours, len(data.classes), size)
-    x, y, _ = collate([DetTrainSet(data.train, pre, size, recipe.seed)[i] for i in range(recipe.batch_size)])
+    train_set = DetTrainSet(data.train, pre, size, recipe.seed, recipe.hflip, recipe.det_augment)
+    x, y, _ = collate([train_set[i] for i in range(recipe.batch_size)])
     targets = [{"boxes": boxes, "labels": labels + 1} for boxes, labels in image_targets(y, len(x))]
     anchors = ours.anchors(size)
     opt_ours, opt_peer = make_optimizer(ours, recipe), make_optimizer(peer, recipe)
@@ -218,6 +221,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--size", type=int, default=320)
     ap.add_argument("--only", choices=("mnv3", "torchvision"), help="run one side only")
+    ap.add_argument("--augment", choices=("ssd", "ssdlite"), default="ssdlite",
+                    help="ssdlite (IoU crop, flip: the recipe's) or ssd (also photometric distortion, zoom out)")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     size = (args.size, args.size)
@@ -240,8 +245,9 @@ def main() -> None:
               f"= {ratio:.3f}")
         for r in rows:
             r["step_time_vs_ours"] = round(ratio, 3) if r["model"] == "torchvision" else 1.0
-        path = write_csv("detect_coco128.csv", [{**r, "size": f"{size[0]}x{size[1]}", "cpu": cpu_model(),
-                                                 "cpu_flags": cpu_flags()} for r in rows])
+        path = write_csv(f"detect_coco128_{args.augment}.csv",
+                         [{**r, "augment": args.augment, "lr": args.lr, "size": f"{size[0]}x{size[1]}",
+                           "cpu": cpu_model(), "cpu_flags": cpu_flags()} for r in rows])
         log(f"written {path}")
 
 

@@ -257,3 +257,20 @@ def test_train_eval_predict_resume_on_coco128(tmp_path, capsys):
     assert code == 0 and Path(doc["results"][0]["png"]).is_file() and len(doc["results"][0]["detections"]) == 5
     coco = json.loads(Path(doc["coco_results"]).read_text())
     assert len(coco) == 5 and coco[0]["image_id"] == int(image.stem) and len(coco[0]["bbox"]) == 4
+
+
+def test_augmentation_policies():
+    from torchvision.transforms import v2
+
+    from mnv3.data import DataError
+    from mnv3.data.boxes import train_steps
+    from mnv3.train.recipe import load_recipe
+    from mnv3.weights import Preprocess
+
+    ssd = [type(t) for t in train_steps(Preprocess(), (64, 64), policy="ssd")]
+    lite = [type(t) for t in train_steps(Preprocess(), (64, 64), policy="ssdlite")]
+    assert v2.RandomZoomOut in ssd and v2.RandomPhotometricDistort in ssd
+    assert v2.RandomZoomOut not in lite and v2.RandomPhotometricDistort not in lite and v2.RandomIoUCrop in lite
+    assert load_recipe("detect").det_augment == "ssdlite"       # torchvision's SSDLite reference
+    with pytest.raises(DataError, match="augmentation"):
+        train_steps(Preprocess(), (64, 64), policy="yolo")

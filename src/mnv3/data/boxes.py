@@ -349,13 +349,21 @@ def fill_pixel(pre: Preprocess) -> tuple[int, int, int]:
     return tuple(round(m * 255) for m in pre.mean)
 
 
-def train_steps(pre: Preprocess, size: tuple[int, int], hflip: bool = True, iou_crop: bool = True) -> list:
+AUGMENT_POLICIES = ("ssd", "ssdlite")
+
+
+def train_steps(pre: Preprocess, size: tuple[int, int], hflip: bool = True, iou_crop: bool = True,
+                policy: str = "ssd") -> list:
     """The SSD augmentation, in order: photometric distortion, zoom out, IoU crop, flip, resize to
-    `size` (h, w), then boxes clamped and those under 1 pixel dropped with their labels."""
+    `size` (h, w), then boxes clamped and those under 1 pixel dropped with their labels. Policy
+    "ssdlite" (torchvision's SSDLite reference) leaves out the photometric distortion and the zoom
+    out: a small network gains little from objects shrunk up to 4x."""
     from torchvision.transforms import v2
 
-    steps = [v2.RandomPhotometricDistort(p=0.5),
-             v2.RandomZoomOut(fill=fill_pixel(pre), side_range=(1.0, 4.0), p=0.5)]
+    if policy not in AUGMENT_POLICIES:
+        raise DataError(f"detection augmentation: expected one of {AUGMENT_POLICIES}, got {policy!r}")
+    steps = [] if policy == "ssdlite" else [v2.RandomPhotometricDistort(p=0.5),
+                                             v2.RandomZoomOut(fill=fill_pixel(pre), side_range=(1.0, 4.0), p=0.5)]
     if iou_crop:
         steps.append(v2.RandomIoUCrop())
     if hflip:
@@ -390,12 +398,12 @@ class DetTrainSet(_BoxSet):
     boxes (on none it only ever leaves the image as it is)."""
 
     def __init__(self, samples: BoxSamples, pre: Preprocess, size: tuple[int, int], seed: int = 0,
-                 hflip: bool = True) -> None:
+                 hflip: bool = True, policy: str = "ssd") -> None:
         from torchvision.transforms import v2
 
         self.samples, self.pre, self.size, self.seed, self.epoch = samples, pre, tuple(size), seed, 0
-        self.transform = v2.Compose(train_steps(pre, self.size, hflip))
-        self.transform_empty = v2.Compose(train_steps(pre, self.size, hflip, iou_crop=False))
+        self.transform = v2.Compose(train_steps(pre, self.size, hflip, policy=policy))
+        self.transform_empty = v2.Compose(train_steps(pre, self.size, hflip, iou_crop=False, policy=policy))
 
     def __getitem__(self, i: int):
         from torchvision import tv_tensors

@@ -277,7 +277,8 @@ def train_detect(data, out, *, size: tuple[int, int] = (320, 320), arch=None, we
                                        "map": metrics.get("val_map"), "map50": metrics.get("val_map50")})
             save(module, path, meta)
 
-        sets = (DetTrainSet(data_set.train, pre, size, recipe.seed, recipe.hflip), DetEvalSet(data_set.val, pre, size))
+        sets = (DetTrainSet(data_set.train, pre, size, recipe.seed, recipe.hflip, recipe.det_augment),
+                DetEvalSet(data_set.val, pre, size))
         options = RunOptions(out, resume=resume, workers=workers, checkpoint_steps=checkpoint_steps,
                              progress=progress, tensorboard=tensorboard)
         task = DetectionTask(model.anchors(size), size, tuple(data_set.classes), recipe.neg_pos_ratio, recipe.box_loss)

@@ -71,6 +71,7 @@ class Recipe:
     seg_min_scale: float = 0.5       # segmentation: random rescale of the image and mask, as a factor
     seg_max_scale: float = 2.0       # of the training size, before the random crop
     box_loss: str = "smooth_l1"      # detection: smooth_l1 on the encoded offsets, or giou on decoded boxes
+    det_augment: str = "ssd"         # detection: ssd (photometric, zoom out, IoU crop, flip) or ssdlite
     neg_pos_ratio: float = 3.0       # detection: hard negatives per matched anchor
     crop_pct: float = 0.875          # evaluation: resize to resolution / crop_pct, center crop
     resolution: int | None = None    # None: the data set's size for small images, else the network's
@@ -107,6 +108,8 @@ class Recipe:
             raise RecipeError(f"recipe {self.name!r}: need 0 < seg_min_scale <= seg_max_scale and poly_power > 0")
         if self.box_loss not in ("smooth_l1", "giou"):
             raise bad("box_loss", "expected smooth_l1 or giou")
+        if self.det_augment not in ("ssd", "ssdlite"):
+            raise bad("det_augment", "expected ssd or ssdlite")
         if not math.isfinite(self.neg_pos_ratio) or self.neg_pos_ratio <= 0:
             raise bad("neg_pos_ratio", "expected a number > 0")
         if self.resolution is not None and self.resolution < 8:
@@ -207,6 +210,8 @@ HELP = {
     "hflip": "random horizontal flips",
     "box_loss": "detection: box regression loss, smooth_l1 (SSD's) or giou (on decoded boxes)",
     "neg_pos_ratio": "detection: hard negatives kept per matched anchor (SSD: 3)",
+    "det_augment": "detection: ssd (photometric distortion, zoom out, IoU crop, flip) or ssdlite (IoU crop "
+                   "and flip, torchvision's SSDLite reference)",
     "seg_min_scale": "segmentation: smallest random rescale (x the training size) before the crop",
     "seg_max_scale": "segmentation: largest random rescale (x the training size) before the crop",
     "crop_pct": "evaluation: resize to RESOLUTION / CROP_PCT, then center-crop",
