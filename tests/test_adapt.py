@@ -185,7 +185,9 @@ def test_adapt_end_to_end_cli(seed_model, tmp_path, capsys):
     with open(tmp_path / "run" / "history.csv") as f:
         rows = list(csv.DictReader(f))
     assert rows[0]["layer"] == "seed" and sum(int(r["chosen"]) for r in rows) == doc["steps"] + 1
-    assert len(rows) > doc["steps"] + 1                     # rejected proposals are recorded too
+    # Every evaluated proposal is a row (rejected ones too). How many proposals are feasible depends on
+    # the measured latencies: on a loaded machine one step once had a single feasible proposal.
+    assert len(rows) >= doc["steps"] + 1 and all(r["accuracy"] for r in rows)
     assert (tmp_path / "run" / "trajectory.png").stat().st_size > 1000
     # the same command again: the run is complete, nothing is fine-tuned again
     code = main(adapt_argv(seed_model, tmp_path / "run", tmp_path / "lut.sqlite"))
