@@ -531,3 +531,18 @@ def test_torchrun_resume_after_sigkill_matches_an_uninterrupted_run(ants_bees, t
     for a, b in zip(metrics(tmp_path / "whole"), metrics(out), strict=True):
         for key in ("train_loss", "train_top1", "val_loss", "val_top1"):
             assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-4, abs=1e-5), key
+
+
+def test_resume_compares_what_the_recipe_computes_not_its_description(tmp_path):
+    import dataclasses
+
+    from mnv3.train.engine import TrainError, check_resume
+
+    recipe = load_recipe("detect")
+    saved = {k: v for k, v in recipe.to_dict().items() if k != "det_augment"}       # a run from before the key
+    saved["about"] = "an older description"
+    ckpt = {"identity": {"task": "detect"}, "recipe": saved, "epoch": 1, "step": 8}
+    # the missing key counts as its default (ssd); the description does not count
+    assert check_resume(ckpt, {"task": "detect"}, dataclasses.replace(recipe, det_augment="ssd"), tmp_path) is None
+    with pytest.raises(TrainError, match="det_augment: run 'ssd' vs now 'ssdlite'"):
+        check_resume(ckpt, {"task": "detect"}, recipe, tmp_path)

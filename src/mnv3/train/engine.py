@@ -563,8 +563,11 @@ def check_resume(ckpt: dict[str, Any], identity: dict[str, Any], recipe: Recipe,
             raise TrainError(f"{path}: cannot resume: the run was started with a different {what} ({shown}). "
                              "Resume with the run's own --arch/--data, or start a new run in another --out")
     saved = ckpt["recipe"]
-    diff = [f"{k}: run {saved.get(k)!r} vs now {v!r}" for k, v in recipe.to_dict().items()
-            if k != "epochs" and saved.get(k) != v]
+    # What the run computes is compared, not its description (name, about); a key the run's recipe
+    # predates counts as its default value.
+    defaults = Recipe().to_dict()
+    diff = [f"{k}: run {saved.get(k, defaults[k])!r} vs now {v!r}" for k, v in recipe.to_dict().items()
+            if k not in ("epochs", "name", "about") and saved.get(k, defaults[k]) != v]
     if diff:
         raise TrainError(f"{path}: cannot resume with a changed recipe ({'; '.join(diff)}). "
                          "Drop those overrides to continue, or start a new run in another --out")
