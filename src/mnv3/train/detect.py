@@ -99,6 +99,14 @@ class Detections:
         self.found[image_id] = {k: v.detach().cpu() for k, v in detections.items()}
         self.truth[image_id] = (boxes.detach().cpu(), labels.detach().cpu())
 
+    def add_batch(self, raw: torch.Tensor, targets: torch.Tensor, anchors: torch.Tensor, size: tuple[int, int],
+                  post: dict) -> None:
+        """Post-process a batch's raw output and add each image (its id: the sample index in its
+        target rows) with its ground truth."""
+        found = postprocess(raw, anchors, size, **post)
+        for j, (boxes, labels) in enumerate(image_targets(targets, len(raw))):
+            self.add(int(targets[j, 0, 0]), found[j], boxes, labels)
+
 
 def coco_scores(collected: Detections, class_names: tuple[str, ...]) -> dict:
     """{"map", "map50", "per_class": {name: AP or NaN when the class has no box}} from pycocotools'
@@ -167,9 +175,7 @@ class DetectionTask:
 
     def eval_stats(self, outputs: torch.Tensor, targets: torch.Tensor) -> list[float]:
         loss, _ = detection_loss(outputs, targets, self.anchors, self.neg_pos_ratio, self.box_loss)
-        found = postprocess(outputs, self.anchors, self.size, **self.post)
-        for j, (boxes, labels) in enumerate(image_targets(targets, len(outputs))):
-            self.collected.add(int(targets[j, 0, 0]), found[j], boxes, labels)
+        self.collected.add_batch(outputs, targets, self.anchors, self.size, self.post)
         return [float(loss) * len(outputs)]
 
     def eval_gather(self, dist) -> None:

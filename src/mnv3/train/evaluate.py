@@ -130,21 +130,27 @@ def palette(n: int):
     return colours
 
 
+def resized_input(model, img) -> torch.Tensor:
+    """A dense model's input from an RGB image: resized (bilinear, no crop) to the head's
+    resolution, normalised with the model's preprocessing; (1, 3, h, w)."""
+    import numpy as np
+    from PIL import Image
+
+    pre = model_meta(model).preprocess
+    h, w = model.head_spec.resolution
+    x = torch.from_numpy(np.asarray(img.resize((w, h), Image.BILINEAR), dtype=np.float32).copy())
+    x = x.permute(2, 0, 1)[None].div_(255.0)
+    return (x - torch.tensor(pre.mean).view(1, 3, 1, 1)) / torch.tensor(pre.std).view(1, 3, 1, 1)
+
+
 @torch.inference_mode()
 def predict_mask(model, image: str | Path):
     """(class-index mask at the image's own size, uint8 HxW; the RGB image): the image resized to
     the model's resolution, the logits resized back to the image."""
-    import numpy as np
     import torch.nn.functional as F
-    from PIL import Image
 
-    meta = model_meta(model)
     img = load_image(image)
-    h, w = model.head_spec.resolution
-    x = torch.from_numpy(np.asarray(img.resize((w, h), Image.BILINEAR), dtype=np.float32).copy())
-    x = x.permute(2, 0, 1)[None].div_(255.0)
-    x = (x - torch.tensor(meta.preprocess.mean).view(1, 3, 1, 1)) / torch.tensor(meta.preprocess.std).view(1, 3, 1, 1)
-    logits = model.eval()(x)
+    logits = model.eval()(resized_input(model, img))
     logits = F.interpolate(logits, size=(img.height, img.width), mode="bilinear", align_corners=False)
     return logits.argmax(1)[0].to(torch.uint8).numpy(), img
 
@@ -184,8 +190,7 @@ def evaluate_detection(model, data: str | Path, batch_size: int = 8, workers: in
     from tqdm import tqdm
 
     from mnv3.data.boxes import DetEvalSet, open_boxes
-    from mnv3.nn.ssdlite import postprocess
-    from mnv3.train.detect import POSTPROCESS, Detections, coco_scores, image_targets
+    from mnv3.train.detect import POSTPROCESS, Detections, coco_scores
 
     meta = model_meta(model)
     data_set = open_boxes(data, skip_bad=skip_bad)
@@ -202,9 +207,7 @@ def evaluate_detection(model, data: str | Path, batch_size: int = 8, workers: in
     for x, y, errors in tqdm(loader, desc="eval", unit="batch", disable=not progress, file=sys.stderr):
         if errors:
             raise DataError(errors[0])
-        found = postprocess(model(x), anchors, size, **options)
-        for j, (boxes, labels) in enumerate(image_targets(y, len(x))):
-            collected.add(int(y[j, 0, 0]), found[j], boxes, labels)
+        collected.add_batch(model(x), y, anchors, size, options)
         seen += len(x)
     s = coco_scores(collected, tuple(data_set.classes))
     return DetEvalResult(s["map"], s["map50"], s["per_class"], seen)
@@ -214,18 +217,11 @@ def evaluate_detection(model, data: str | Path, batch_size: int = 8, workers: in
 def predict_boxes(model, image: str | Path, post: dict | None = None):
     """(detections {"boxes" in the image's own pixels, "scores", "labels"}, the RGB image): the image
     resized to the model's resolution, the boxes scaled back."""
-    import numpy as np
-    from PIL import Image
-
     from mnv3.train.detect import POSTPROCESS
 
-    meta = model_meta(model)
     img = load_image(image)
     h, w = model.head_spec.resolution
-    x = torch.from_numpy(np.asarray(img.resize((w, h), Image.BILINEAR), dtype=np.float32).copy())
-    x = x.permute(2, 0, 1)[None].div_(255.0)
-    x = (x - torch.tensor(meta.preprocess.mean).view(1, 3, 1, 1)) / torch.tensor(meta.preprocess.std).view(1, 3, 1, 1)
-    found = model.eval().detect(x, **{**POSTPROCESS, **(post or {})})[0]
+    found = model.eval().detect(resized_input(model, img), **{**POSTPROCESS, **(post or {})})[0]
     scale = torch.tensor([img.width / w, img.height / h] * 2)
     return {**found, "boxes": found["boxes"] * scale}, img
 
