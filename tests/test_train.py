@@ -71,9 +71,11 @@ def kill_in_second_epoch(proc: subprocess.Popen, out: Path, kill) -> None:
                 ckpt = read_checkpoint(out / "checkpoint.pt") if (out / "checkpoint.pt").exists() else {}
             except Exception:          # noqa: BLE001 - caught between rename and read
                 ckpt = {}
-            if ckpt.get("epoch") == 1 and ckpt.get("batch", 0) >= 1:
+            # at or past the first mid-epoch-2 checkpoint: a later one counts too, since a fast run can
+            # write the next one (or finish the epoch) between two polls
+            if (ckpt.get("epoch", 0), ckpt.get("batch", 0)) >= (1, 1):
                 break
-            time.sleep(0.05)
+            time.sleep(0.02)
         assert proc.poll() is None, "the run ended before it could be killed"
         kill(proc)
         proc.wait()
