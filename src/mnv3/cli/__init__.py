@@ -7,13 +7,13 @@ import argparse
 import contextlib
 import sys
 
-from mnv3.cli import adapt, bench, convert, export, info, lut, predict, search, train
+from mnv3.cli import adapt, bench, convert, export, info, lut, predict, search, supernet, train
 from mnv3.cli.common import _JSON_OUT, EXIT_USAGE, check_outputs
 
 # In the order of the workflow: look at a network, bring weights in, measure it on your device,
-# build the latency tables the search reads, search, train the winner, shrink it with NetAdapt, then
+# build the latency tables the search reads, (train a supernet,) search, train the winner, shrink it with NetAdapt, then
 # use and export the model.
-COMMANDS = (info, convert, bench, lut, search, train, adapt, predict, export)
+COMMANDS = (info, convert, bench, lut, supernet, search, train, adapt, predict, export)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,14 +15,17 @@ def register(sub) -> None:
                                     "for a detector",
                        description="Evaluate on FOLDER/<class id>/<images>; class folders are named by "
                                    "the model's class ids (ImageNet wnids for ImageNet weights); a subset "
-                                   "of the classes is fine. Unreadable images are skipped and counted. "
+                                   "of the classes is fine; or on the val (or test) split of a data set mnv3 "
+                                   "train takes (digits, cifar10, a folder with train/ and val/). Unreadable "
+                                   "images are skipped and counted. "
                                    "A segmentation model is scored on the val/ split of a mask data set "
                                    "(mIoU and per-class IoU from one confusion matrix, pixel accuracy); a "
                                    "detector on the val split of a COCO-JSON or YOLO data set (COCO "
                                    "mAP@[.5:.95], mAP@.5 and per-class AP with pycocotools).")
     p.add_argument("--weights", required=True, metavar="FILE",
                    help="model file, an exported .onnx/.tflite file (scored as deployed), or any SOURCE convert takes")
-    p.add_argument("--data", required=True, metavar="FOLDER")
+    p.add_argument("--data", required=True, metavar="FOLDER|DATA",
+                   help="a folder of class folders, or a training data set (digits, cifar10, train/ + val/)")
     p.add_argument("--arch", help="only for weights that do not carry their network")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--ignore-index", type=int, default=None,

@@ -43,6 +43,10 @@ def register(sub) -> None:
     g.add_argument("--proxy-held-out", type=float, default=0.2, metavar="F|N",
                    help="training images held out to rank candidates: a fraction (default 0.2) or a count")
     g.add_argument("--recipe", default="cifar", help="recipe of the proxy training (default cifar)")
+    g.add_argument("--oracle", default="proxy", metavar="proxy|supernet:DIR",
+                   help="how candidates' accuracy is found: proxy (train each, MnasNet's way; default) or "
+                        "supernet:DIR (estimate each in seconds with a supernet from `mnv3 supernet train`, "
+                        "which brings its own data split; the proxy flags are then unused)")
     g = p.add_argument_group("objective")
     g.add_argument("--reward", choices=REWARDS, default="soft",
                    help="soft: ACC x (LAT/T)^-0.07 (default); hard: ACC, or ACC x (LAT/T)^-1 above T; "
@@ -159,11 +163,47 @@ def cheapest(genomes):
     return tuple(min(g.choices, key=lambda v: order.get(v, v) if isinstance(v, str) else v) for g in genomes.genes)
 
 
+def open_oracle(args: argparse.Namespace):
+    """The accuracy oracle (--oracle), the space and its seed family (a preset name or None). A
+    supernet brings its space: --space left out means the supernet's, a different one is refused."""
+    from mnv3.search.oracle import ProxyOracle
+    from mnv3.search.run import SearchError
+
+    if args.oracle == "proxy":
+        oracle = ProxyOracle.open(args.data, epochs=args.proxy_epochs, resolution=args.proxy_resolution,
+                                  subset=args.proxy_subset, recipe=args.recipe, seed=args.seed,
+                                  held_out=args.proxy_held_out)
+        space, family = resolve_space(args, oracle.resolution or 224, oracle.data.total_stride)
+        return oracle, space, family
+    if not args.oracle.startswith("supernet:") or not args.oracle[len("supernet:"):]:
+        raise SearchError(f"--oracle {args.oracle}: expected proxy or supernet:DIR (a folder from mnv3 supernet train)")
+    from mnv3.search.supernet_train import SupernetOracle, load_supernet, supernet_path
+
+    where = args.oracle[len("supernet:"):]
+    _, info = load_supernet(supernet_path(where))
+    mine = info.space
+    default, family = resolve_space(argparse.Namespace(space=None), mine.seed.resolution, mine.seed.total_stride())
+    if args.space is not None:
+        mine, family = resolve_space(args, info.space.seed.resolution, info.space.seed.total_stride())
+    elif default.to_dict() != mine.to_dict():
+        family = None
+    return SupernetOracle(where, mine), mine, family
+
+
+def _in_space(genomes, spec) -> bool:
+    from mnv3.search.genome import GenomeError
+
+    try:
+        genomes.encode(spec)
+        return True
+    except GenomeError:
+        return False
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     from mnv3.latency import LatencyError, check_threads
     from mnv3.search.genome import GenomeSpace
     from mnv3.search.latency import open_latency
-    from mnv3.search.oracle import ProxyOracle
     from mnv3.search.report import finish
     from mnv3.search.reward import Reward
     from mnv3.search.run import Search, SearchError, open_storage, stored_target
@@ -187,11 +227,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     # the objective first: an impossible reward or strategy is found before any data or table work
     Reward.make(args.reward, args.target_ms or 1.0, args.w)
     check_strategy(args.strategy, args.reward == "pareto")
-    oracle = ProxyOracle.open(args.data, epochs=args.proxy_epochs, resolution=args.proxy_resolution,
-                              subset=args.proxy_subset, recipe=args.recipe, seed=args.seed,
-                              held_out=args.proxy_held_out)
-    resolution = oracle.resolution or 224
-    space, family = resolve_space(args, resolution, oracle.data.total_stride)
+    oracle, space, family = open_oracle(args)
     genomes = GenomeSpace(space)
     out.mkdir(parents=True, exist_ok=True)
     space_file = space.save(out / "space.json")
@@ -232,6 +268,13 @@ def cmd_search(args: argparse.Namespace) -> int:
     search.run(args.trials, args.minutes)
     widths = args.references if args.references is not None else ([0.5, 0.75, 1.0] if family else [])
     references = [(f"{family} x{w}", family_spec(family, w, space)) for w in widths] if family else []
+    if oracle.name == "supernet":       # it can estimate networks of its space only
+        kept = [(label, spec) for label, spec in references if _in_space(genomes, spec)]
+        if len(kept) < len(references):
+            left = ", ".join(label for label, _ in references if (label, _) not in kept)
+            print(f"note: reference(s) {left} are not networks of the space, so the supernet cannot estimate "
+                  "them; they are left out (train them with the proxy oracle to compare)", file=sys.stderr)
+        references = kept
     summary = finish(search, final_k=args.final_k, references=references, progress=progress)
     print(f"{'network':<24}{'accuracy':>9}{'predicted ms':>14}{'measured ms':>13}{'reward':>9}")
     for row in summary["references"] + summary["finals"]:
@@ -240,7 +283,7 @@ def cmd_search(args: argparse.Namespace) -> int:
               f"{(f'{measured:.3f}' if measured is not None else '-'):>13}{row['reward']:>9.4f}")
     print(f"best: {summary['best']} (accuracy {summary['accuracy']:.4f}, {summary['predicted_ms']:.3f} ms "
           f"predicted, reward {summary['reward']:.4f}); files in {out}")
-    print(f"train it: mnv3 train --arch {summary['best']} --data {args.data}")
+    print(f"train it: mnv3 train --arch {summary['best']} --data {oracle.describe()['data'] or args.data}")
     if args.json:
         emit_json({k: summary[k] for k in ("best", "accuracy", "predicted_ms", "measured_ms", "reward",
                                            "trials", "out", "study", "storage", "target_ms")})

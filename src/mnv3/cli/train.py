@@ -69,6 +69,12 @@ def register(sub) -> None:
                    help="override any recipe key (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_json(p, "top1, top5 (fractions), the model file's path, the run folder")
+    add_recipe_flags(p)
+    p.set_defaults(func=cmd_train)
+
+
+def add_recipe_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per recipe key (--lr, --epochs, ...), read back by `_overrides`."""
     group = p.add_argument_group("recipe values (override the recipe's)")
     for f in fields(Recipe):
         if f.name in _NOT_FLAGS:
@@ -84,7 +90,6 @@ def register(sub) -> None:
         else:
             group.add_argument(flag, dest=f"recipe_{f.name}", metavar=f.name.split("_")[-1].upper(),
                                default=None, help=HELP.get(f.name))
-    p.set_defaults(func=cmd_train)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, object]:

@@ -78,6 +78,7 @@ class RunOptions:
     strict: bool = False             # an unreadable image stops the run instead of being skipped
     progress: bool = True
     tensorboard: bool = True
+    model_file: str = "model.safetensors"   # the name `save_model` writes in the run folder
 
 
 @dataclass
@@ -129,7 +130,9 @@ class Trainer:
         `sets`: the (training, validation) datasets of a task whose samples are not classification
         images (segmentation: image and mask; detection: image and box rows); each item is (input,
         target, error or None). A task that scores the whole split at once (detection) may define
-        `eval_begin()` and `eval_gather(dist)`, called before and after the validation batches."""
+        `eval_begin()` and `eval_gather(dist)`, called before and after the validation batches; one
+        may define `before_step(trainer)` (called before each optimizer step) and `eval_model(model,
+        trainer)` (the module to score in place of `model`): the supernet task does."""
         self.model, self.data, self.recipe, self.opts = model, data, recipe, options
         self.task, self.dist, self.pre, self.identity, self.save_model = task, dist, pre, identity, save_model
         self.out = Path(options.out)
@@ -263,6 +266,8 @@ class Trainer:
         scales this process's loss when local batches differ in size (skipped images), so the
         averaged gradient is still the global batch's mean."""
         r = self.recipe
+        if hasattr(self.task, "before_step"):        # a task that changes the network as training goes
+            self.task.before_step(self)
         lr = r.lr_at(self.state["step"], self.steps_per_epoch)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -433,6 +438,8 @@ class Trainer:
         d = self.dist
         sampler = EpochBatches(len(self.val_set), self.world_batch, shuffle=False, drop_last=False,
                                rank=d.rank, world=d.world)
+        if hasattr(self.task, "eval_model"):         # what is scored may differ from what is trained
+            model = self.task.eval_model(model, self)
         was_training = model.training
         model.eval()
         sums, skipped = None, 0
@@ -503,7 +510,7 @@ class Trainer:
         final = {k: v for k, v in history[-1].items() if k.startswith("val_")} if history else {}
         model_path = None
         if self.dist.main and self.save_model is not None:
-            model_path = self.out / "model.safetensors"
+            model_path = self.out / self.opts.model_file
             self.save_model(self.ema.module if self.ema else self.model, model_path, final)
         if self._writer is not None:
             self._writer.close()

@@ -33,9 +33,11 @@ def evaluate(model: MobileNet, folder: str | Path, batch_size: int = 32, workers
     from tqdm import tqdm
 
     meta = model_meta(model)
-    dataset = ImageFolderSet(folder, meta.classes, meta.preprocess)
-    if meta.classes is None and len({y for _, y in dataset.samples}) > model.num_classes:
-        raise DataError(f"{folder}: more class folders than the model's {model.num_classes} outputs")
+    dataset = _named_split(folder, meta, model.num_classes)
+    if dataset is None:
+        dataset = ImageFolderSet(folder, meta.classes, meta.preprocess)
+        if meta.classes is None and len({y for _, y in dataset.samples}) > model.num_classes:
+            raise DataError(f"{folder}: more class folders than the model's {model.num_classes} outputs")
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                          collate_fn=collate)
     model.eval()
@@ -54,6 +56,25 @@ def evaluate(model: MobileNet, folder: str | Path, batch_size: int = 32, workers
     if seen == 0:
         raise DataError(f"{folder}: none of the {len(dataset)} images could be read")
     return EvalResult(correct1 / seen, correct5 / seen, seen, len(skipped), skipped)
+
+
+def _named_split(folder: str | Path, meta, num_classes: int):
+    """The validation (or test) split of a data set `mnv3 train --data` takes by name (digits,
+    cifar10) or as a folder with train/ and val/ (or test/): what a model trained on it is scored on.
+    None for a plain folder of class folders."""
+    from mnv3.data.datasets import EvalSet, open_data
+
+    root = Path(folder)
+    named = str(folder) in ("digits", "cifar10") and not root.exists()
+    if not (named or (root / "train").is_dir() and ((root / "val").is_dir() or (root / "test").is_dir())):
+        return None
+    data = open_data(folder)
+    if meta.classes is not None and tuple(meta.classes) != tuple(data.classes):
+        raise DataError(f"--data {folder}: its classes ({', '.join(map(str, data.classes[:5]))}...) are not the "
+                        "model's; score it on the data it was trained for")
+    if len(data.classes) > num_classes:
+        raise DataError(f"--data {folder}: {len(data.classes)} classes, more than the model's {num_classes} outputs")
+    return EvalSet(data.val, meta.preprocess)
 
 
 @torch.inference_mode()

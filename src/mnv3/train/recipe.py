@@ -73,6 +73,8 @@ class Recipe:
     box_loss: str = "smooth_l1"      # detection: smooth_l1 on the encoded offsets, or giou on decoded boxes
     det_augment: str = "ssd"         # detection: ssd (photometric, zoom out, IoU crop, flip) or ssdlite
     neg_pos_ratio: float = 3.0       # detection: hard negatives per matched anchor
+    supernet_rule: str = "sandwich"  # supernet: sandwich (BigNAS) or progressive (Once-for-All's shrinking)
+    supernet_random: int = 2         # supernet: random sub-networks per step, besides largest (and smallest)
     crop_pct: float = 0.875          # evaluation: resize to resolution / crop_pct, center crop
     resolution: int | None = None    # None: the data set's size for small images, else the network's
     freeze_backbone: bool = False
@@ -112,6 +114,10 @@ class Recipe:
             raise bad("det_augment", "expected ssd or ssdlite")
         if not math.isfinite(self.neg_pos_ratio) or self.neg_pos_ratio <= 0:
             raise bad("neg_pos_ratio", "expected a number > 0")
+        if self.supernet_rule not in ("sandwich", "progressive"):
+            raise bad("supernet_rule", "expected sandwich or progressive")
+        if not 0 <= self.supernet_random <= 16:
+            raise bad("supernet_random", "expected an integer from 0 to 16")
         if self.resolution is not None and self.resolution < 8:
             raise bad("resolution", "expected an integer >= 8 or null")
 
@@ -214,6 +220,10 @@ HELP = {
                    "and flip, torchvision's SSDLite reference)",
     "seg_min_scale": "segmentation: smallest random rescale (x the training size) before the crop",
     "seg_max_scale": "segmentation: largest random rescale (x the training size) before the crop",
+    "supernet_rule": "supernet: sandwich (BigNAS: largest, smallest and random sub-networks each step, the "
+                     "largest teaching the others) or progressive (Once-for-All: largest only, then elastic "
+                     "kernel, depth, then expansion and width, channels sorted before that phase)",
+    "supernet_random": "supernet: random sub-networks per step besides the largest (and the smallest)",
     "crop_pct": "evaluation: resize to RESOLUTION / CROP_PCT, then center-crop",
     "resolution": "training and evaluation input size",
     "freeze_backbone": "train the head only (pre-logits and classifier); the backbone's BN stays frozen",
