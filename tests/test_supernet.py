@@ -222,3 +222,17 @@ def test_supernet_errors_are_one_line(trained, space_file, tmp_path, capsys):
         assert code == 2, (argv, err)
         last = err.strip().splitlines()[-1]
         assert last.startswith("error:") and message in last and "Traceback" not in err, (argv, last)
+
+
+def test_supernet_trains_under_torchrun(space_file, tmp_path):
+    # every process draws the same sub-networks; batch norm stays per process (sliced layers)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "ddp"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "mnv3", "supernet", "train", "--space", str(space_file), "--data", "digits",
+                           "--proxy-subset", "128", "--epochs", "1", "--batch-size", "32", "--calibration", "32",
+                           "--no-progress", "--out", str(out)], env=env, capture_output=True, text=True, timeout=600,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "supernet.safetensors").is_file()
+    assert json.loads((out / "recipe.json").read_text())["sync_bn"] is False

@@ -8,8 +8,8 @@ Training rules (the recipe's `supernet_rule`):
     alone, then elastic kernel (with SE and activation), then depth, then expansion and width, with
     the channels sorted by importance when that last phase starts; random sub-networks of the
     phase's elastic dimensions learn from the largest as above.
-Random sub-networks are drawn from torch's global generator, which checkpoints keep: a resumed run
-draws the same ones.
+Random sub-networks are drawn from a generator seeded by the recipe's seed and the step: every
+data-parallel process trains the same ones, and a resumed run draws them again.
 
 Scoring a candidate: its weights are sliced out of the supernet (`Supernet.extract`), batch-norm
 statistics are recomputed on a fixed set of training images, then top-1 is measured on the search's
@@ -151,8 +151,11 @@ class SupernetTask:
             plan = [largest]
             if phase == 3 and self.phase(step - 1, total) == 2 and step > 0:
                 self.sort(trainer)
+        # the same draws in every process (all train the same sub-networks: batch-norm statistics synced
+        # over processes stay in step) and a pure function of the step (a resumed run draws them again)
+        gen = torch.Generator().manual_seed(r.seed * 1_000_003 + step)
         for _ in range(r.supernet_random if free else 0):
-            picks = torch.randint(0, 1 << 30, (len(genes),)).tolist()
+            picks = torch.randint(0, 1 << 30, (len(genes),), generator=gen).tolist()
             plan.append(tuple(g.choices[p % len(g.choices)] if g.name.rsplit(".", 1)[-1] in free else v
                               for g, p, v in zip(genes, picks, largest)))
         model.plan = plan
@@ -325,6 +328,10 @@ def train_supernet(data: str | ClassificationData, out: str | Path, space: Searc
         raise SupernetError(f"--resolution {recipe.resolution}: a supernet trains at its space's resolution "
                             f"({space.seed.resolution}); save the space at the resolution wanted")
     pre = preprocess_for(space, recipe)
+    if recipe.sync_bn:
+        # sub-networks slice the batch-norm layers, which SyncBatchNorm's autograd cannot follow; each
+        # process keeps its own statistics (estimates recalibrate them anyway)
+        recipe = recipe.override({"sync_bn": False})
     d = setup(device)
     try:
         torch.manual_seed(recipe.seed)
