@@ -39,7 +39,7 @@ def register(sub) -> None:
                    help="train on a fixed random subset of N of the remaining images")
     t.add_argument("--split-seed", type=int, default=None, help="seed of the split (as mnv3 search --seed; default 0)")
     t.add_argument("--calibration", type=int, default=None, metavar="N",
-                   help="training images batch norm is recalibrated on for each sub-network (default 1000)")
+                   help="training images batch norm is recalibrated on for each sub-network (default 500)")
     t.add_argument("--recipe", metavar="NAME|FILE", help="training recipe (default supernet)")
     add_output(t, "--out", kind="dir", metavar="DIR", help="run folder (default runs/supernet-DATA)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -69,7 +69,7 @@ def register(sub) -> None:
         if verb == "estimate":
             which.add_argument("--random", type=int, metavar="N", help="N random networks of the space")
         e.add_argument("--calibration", type=int, default=None, metavar="N",
-                       help="training images for batch-norm recalibration (default: the supernet's, 1000)")
+                       help="training images for batch-norm recalibration (default: the supernet's, 500)")
         if verb == "extract":
             add_output(e, "-o", "--output", kind="file", metavar="FILE", required=True, help="model file to write")
             add_json(e, "model, spec name, held-out top-1")
@@ -106,7 +106,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     held_out = args.proxy_held_out if args.proxy_held_out is not None else earlier.get("held_out", 0.2)
     subset = args.proxy_subset if args.proxy_subset is not None else earlier.get("subset")
     split_seed = args.split_seed if args.split_seed is not None else earlier.get("split_seed", 0)
-    calibration = args.calibration or earlier.get("calibration") or 1000
+    calibration = args.calibration or earlier.get("calibration") or 500
     if calibration < 1:
         raise TrainError("--calibration: expected at least 1 image")
     full = open_data(data)

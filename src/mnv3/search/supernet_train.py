@@ -303,7 +303,7 @@ def preprocess_for(space: SearchSpace, recipe: Recipe) -> Preprocess:
 
 def train_supernet(data: str | ClassificationData, out: str | Path, space: SearchSpace, recipe: Recipe, *,
                    held_out: float = 0.2, subset: int | None = None, split_seed: int = 0,
-                   calibration: int = 1000, resume: bool = False, workers: int = 0,
+                   calibration: int = 500, resume: bool = False, workers: int = 0,
                    checkpoint_steps: int = 500, progress: bool = True, tensorboard: bool = True,
                    device: str = "auto"):
     """Train a supernet over `space` on the search's split of `data` (the training images less the
@@ -393,10 +393,12 @@ class SupernetOracle:
             raise SupernetError(f"{self.path}: its data ({self.info.data}) has changed since the supernet was trained "
                                 "(another file list or split); retrain it on the data as it is now")
         pre = self.info.preprocess
-        self.calibration_count = calibration or int(self.info.training.get("calibration_images", 1000))
+        self.calibration_count = calibration or int(self.info.training.get("calibration_images", 500))
         self.calibration, _ = load_images(EvalSet(self.data.train, pre), self.calibration_count,
                                           seed=self.info.split_seed)
+        self.calibration = self.calibration.contiguous(memory_format=torch.channels_last)
         self.held_x, self.held_y = load_images(EvalSet(self.data.val, pre), images, seed=self.info.split_seed)
+        self.held_x = self.held_x.contiguous(memory_format=torch.channels_last)
         self.space = self.info.space
 
     @property
@@ -412,15 +414,20 @@ class SupernetOracle:
         except GenomeError as exc:
             raise SupernetError(f"the supernet cannot estimate this network: {exc}") from None
         name = spec_or_genome.name if isinstance(spec_or_genome, ArchSpec) else None
-        net = self.net.extract(genome, name)
+        net = self.net.extract(genome, name).to(memory_format=torch.channels_last)
         calibrate_bn(net, self.calibration)
-        return net
+        return net.to(memory_format=torch.contiguous_format)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def top1(self, net: nn.Module) -> float:
+        """Top-1 on the held-out images; scored on a copy with batch norm folded, channels last
+        (the faster form on CPUs; the same function)."""
+        import copy
+
+        fast = copy.deepcopy(net).fuse().to(memory_format=torch.channels_last)
         correct = 0
         for i in range(0, len(self.held_x), 500):
-            correct += int((net(self.held_x[i:i + 500]).argmax(1) == self.held_y[i:i + 500]).sum())
+            correct += int((fast(self.held_x[i:i + 500]).argmax(1) == self.held_y[i:i + 500]).sum())
         return correct / len(self.held_x)
 
     def accuracy(self, spec: ArchSpec, trial_dir: Path | None = None) -> float:
