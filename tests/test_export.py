@@ -167,9 +167,59 @@ def test_int8_onnx_export_and_op_report(classifier_file, tmp_path, capsys):
     assert read_metadata(out)["int8"]["calibration"] == "digits"
     float_ops = run(capsys, "export", classifier_file, "-o", tmp_path / "f.onnx", "--report", "--json")[1]
     assert json.loads(float_ops)["ops"]["integer"] == {}
-    code, _, err = run(capsys, "export", classifier_file, "-o", tmp_path / "q.tflite", "--int8")
-    assert code == 2 and "ONNX only" in err
+    code, _, err = run(capsys, "export", classifier_file, "-o", tmp_path / "q.pt2", "--int8")
+    assert code == 2 and "ONNX Runtime and LiteRT" in err
     empty = tmp_path / "nothing"
     empty.mkdir()
     code, _, err = run(capsys, "export", classifier_file, "-o", tmp_path / "q.onnx", "--int8", "--calibration", empty)
     assert code == 2 and "--calibration" in err and "no images" in err and not (tmp_path / "q.onnx").exists()
+
+
+def test_int8_tflite_is_integer_throughout_and_one_xnnpack_partition(classifier_file, tmp_path, capsys):
+    out = tmp_path / "int8.tflite"
+    code, stdout, err = run(capsys, "export", classifier_file, "-o", out, "--int8", "--calibration-images", "16",
+                            "--report", "--json")
+    assert code == 0, err
+    doc = json.loads(stdout)
+    assert 0 < doc["max_abs_diff"] <= 0.25 * max(1.0, doc["max_abs_output"])
+    ops = doc["ops"]
+    # hard-swish rewritten as MUL, ADD, MUL: nothing left that XNNPACK runs in float only
+    assert "HARD_SWISH" not in ops["integer"] and ops["float"] == {} and ops["integer"]["CONV_2D"] > 10
+    assert ops["delegate_partitions"] == 1
+    assert "MUL, ADD, MUL" in read_metadata(out)["int8"]["scheme"]
+    # the deployed file scores like the model it came from (int8 input and output handled)
+    from mnv3.deploy.runner import ExportedModel
+
+    model, deployed = mnv3.load(classifier_file).eval(), ExportedModel(out)
+    x = torch.rand(6, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        eager, got = model(x), deployed(x)
+    assert got.shape == eager.shape and float((got - eager).abs().max()) < 0.5 * max(1.0, float(eager.abs().max()))
+
+
+def test_hard_swish_rewrite_computes_hard_swish(tmp_path):
+    """The rewritten int8 graph against the quantizer's own: the same outputs up to int8 rounding."""
+    import shutil
+
+    from mnv3.deploy.export import _run_tflite
+    from mnv3.deploy.tflite_int8 import op_report_tflite, quantize_tflite
+    from mnv3.latency.runtimes import export_tflite
+
+    torch.manual_seed(1)
+    model = calibrate_batchnorm(mnv3.build(resolve_arch("mobilenet_v3_small", 0.35, 32), 10), (16, 3, 32, 32)).eval()
+    x = torch.rand(8, 3, 32, 32) * 2 - 1
+    export_tflite(fold_batchnorm(model), x[:1], tmp_path / "f.tflite")
+    files = {}
+    for rewrite in (False, True):
+        files[rewrite] = tmp_path / f"q{int(rewrite)}.tflite"
+        shutil.copy(tmp_path / "f.tflite", files[rewrite])
+        done = quantize_tflite(files[rewrite], x.numpy(), decompose=rewrite)
+        assert (done["hard_swish_rewritten"] > 0) == rewrite
+    assert op_report_tflite(files[False])["integer"]["HARD_SWISH"] > 0
+    with torch.no_grad():
+        eager = model(x).numpy()
+    outs = {k: np.concatenate([_run_tflite(p, x[i:i + 1]) for i in range(8)]) for k, p in files.items()}
+    scale = float(np.abs(eager).max())
+    for out in outs.values():
+        assert float(np.abs(out - eager).max()) < 0.25 * scale
+    assert float(np.abs(outs[True] - outs[False]).max()) < 0.15 * scale

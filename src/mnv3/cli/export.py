@@ -31,14 +31,15 @@ def register(sub) -> None:
                    help="largest accepted |exported - eager|, relative to the largest eager output (default "
                         "1e-3; 0.25 with --int8)")
     p.add_argument("--int8", action="store_true",
-                   help="static post-training int8 (ONNX so far: QDQ, uint8 activations, per-channel int8 weights)")
+                   help="static post-training int8: ONNX (QDQ, uint8 activations, per-channel int8 weights) or "
+                        "TFLite (AI Edge quantizer, int8 throughout, hard-swish rewritten for XNNPACK)")
     p.add_argument("--calibration", metavar="DIR",
                    help="--int8: images to calibrate the activation ranges on (default: scikit-learn's digits)")
     p.add_argument("--calibration-images", type=int, default=64, metavar="N",
                    help="--int8: how many calibration images (default 64)")
     p.add_argument("--report", action="store_true",
-                   help="print the op histogram of the ONNX graph as ONNX Runtime runs it: integer ops, float "
-                        "ops, quantize/dequantize nodes")
+                   help="print the op histogram of the result: integer ops, float ops, quantize/dequantize "
+                        "nodes (ONNX: the graph as ONNX Runtime runs it; TFLite: and XNNPACK's partitions)")
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
     add_threads(p)
     add_json(p, "path, format, batch, input_shape, output_shape, images, max_abs_diff, max_abs_output, tolerance; "
@@ -69,13 +70,18 @@ def cmd_export(args: argparse.Namespace) -> int:
           f"tolerance {report.tolerance:g} relative)")
     doc = report.as_dict()
     if args.report:
-        if report.format != "onnx":
-            raise ExportError(f"--report: the op histogram reads ONNX graphs; {report.format} is not one")
+        if report.format not in ("onnx", "tflite"):
+            raise ExportError(f"--report: the op histogram reads ONNX and TFLite graphs; {report.format} is neither")
         from mnv3.deploy.export import op_report
+        from mnv3.deploy.tflite_int8 import op_report_tflite
 
-        ops = op_report(report.path)
+        ops = op_report(report.path) if report.format == "onnx" else op_report_tflite(report.path)
         doc["ops"] = ops
-        print("  ONNX Runtime's graph after its optimisations (QDQ fusion):")
+        if report.format == "onnx":
+            print("  ONNX Runtime's graph after its optimisations (QDQ fusion):")
+        else:
+            print(f"  the TFLite graph; XNNPACK's delegate takes it in {ops['delegate_partitions']} partition(s) "
+                  "(1: every op delegated)")
         for kind in ("integer", "float"):
             listed = ", ".join(f"{k} {v}" for k, v in sorted(ops[kind].items(), key=lambda kv: -kv[1])) or "none"
             print(f"  {kind} ops ({sum(ops[kind].values())}): {listed}")

@@ -213,14 +213,17 @@ def read_tflite_metadata(path: str | Path, name: str = "mnv3") -> bytes | None:
 def _run_tflite(path: Path, x: torch.Tensor) -> np.ndarray:
     from ai_edge_litert.interpreter import Interpreter
 
+    from mnv3.deploy.tflite_int8 import dequantize_output, io_quantization, quantize_input
+
     interpreter = Interpreter(model_path=str(path), num_threads=1)
     interpreter.allocate_tensors()
     detail = interpreter.get_input_details()[0]
     if list(detail["shape"]) != list(x.shape):
         raise ExportError(f"{path}: the TFLite input is {list(detail['shape'])}, not NCHW {list(x.shape)}")
-    interpreter.set_tensor(detail["index"], x.numpy())
+    qin, qout = io_quantization(interpreter)        # an int8 file takes and gives int8
+    interpreter.set_tensor(detail["index"], quantize_input(x.numpy(), qin, detail["dtype"]))
     interpreter.invoke()
-    return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    return dequantize_output(interpreter.get_tensor(interpreter.get_output_details()[0]["index"]), qout)
 
 
 def _write_pt2(model, x, tmp: Path, dynamic: bool, info: dict) -> None:
@@ -261,15 +264,15 @@ def export(model, path: str | Path, fmt: str | None = None, *, batch: int = 1, d
            int8: bool = False, calibration: str | Path | None = None, calibration_images: int = 64) -> ExportReport:
     """Export `model` to `path` (format from `fmt` or the suffix) and verify it (see the module doc).
     `tolerance` is relative to the largest eager output: the file fails when max |file - eager| >
-    tolerance x max(1, max |eager|) (default 1e-3; 0.25 for int8). `int8` (ONNX only so far):
-    static post-training quantization, see `quantize_onnx`."""
+    tolerance x max(1, max |eager|) (default 1e-3; 0.25 for int8). `int8` (ONNX and TFLite):
+    static post-training quantization, see `quantize_onnx` and `tflite_int8.quantize_tflite`."""
     from mnv3.files import atomic_write
 
     fmt = format_of(path, fmt)
     tolerance = (0.25 if int8 else 1e-3) if tolerance is None else tolerance
-    if int8 and fmt != "onnx":
-        raise ExportError(f"--int8 --format {fmt}: int8 export is built for ONNX only so far (LiteRT int8 is "
-                          "not yet); use -o FILE.onnx")
+    if int8 and fmt not in ("onnx", "tflite"):
+        raise ExportError(f"--int8 --format {fmt}: int8 export is for ONNX Runtime and LiteRT; use -o FILE.onnx "
+                          "or FILE.tflite")
     path = Path(path)
     if path.exists() and not force:
         raise ExportError(f"{path} exists; pass --force to overwrite it")
@@ -289,13 +292,24 @@ def export(model, path: str | Path, fmt: str | None = None, *, batch: int = 1, d
     trace_batch = 2 if dynamic else batch
     x = verification_batch(model, images, max(trace_batch, 3 if dynamic else batch), images_flag)
     if int8:
-        info["int8"] = {"scheme": "static QDQ, activations uint8 per tensor, weights int8 per channel",
-                        "calibration": str(calibration or "digits"), "calibration_images": calibration_images}
+        scheme = ("static QDQ, activations uint8 per tensor, weights int8 per channel" if fmt == "onnx" else
+                  "static, AI Edge quantizer: activations int8 per tensor, weights int8 per channel, int8 input "
+                  "and output; hard-swish as MUL, ADD, MUL (all delegated to XNNPACK)")
+        info["int8"] = {"scheme": scheme, "calibration": str(calibration or "digits"),
+                        "calibration_images": calibration_images}
         calib = verification_batch(model, calibration, calibration_images, "--calibration")
 
         def write_int8(tmp: Path) -> None:
-            write(folded, x[:trace_batch], tmp, dynamic, info)
-            quantize_onnx(tmp, calib)
+            if fmt == "onnx":
+                write(folded, x[:trace_batch], tmp, dynamic, info)
+                quantize_onnx(tmp, calib)
+                return
+            from mnv3.deploy.tflite_int8 import quantize_tflite
+            from mnv3.latency.runtimes import export_tflite
+
+            export_tflite(folded, x[:trace_batch], tmp)
+            quantize_tflite(tmp, calib.numpy())
+            add_tflite_metadata(tmp, "mnv3", json.dumps(info).encode())
         atomic_write(path, write_int8)
     else:
         atomic_write(path, lambda tmp: write(folded, x[:trace_batch], tmp, dynamic, info))

@@ -66,14 +66,18 @@ class ExportedModel(nn.Module):
     def _tflite(self, threads: int):
         from ai_edge_litert.interpreter import Interpreter
 
+        from mnv3.deploy.tflite_int8 import dequantize_output, io_quantization, quantize_input
+
         interpreter = Interpreter(model_path=str(self.path), num_threads=threads)
         interpreter.allocate_tensors()
-        inp, out = interpreter.get_input_details()[0]["index"], interpreter.get_output_details()[0]["index"]
+        detail = interpreter.get_input_details()[0]
+        inp, out = detail["index"], interpreter.get_output_details()[0]["index"]
+        qin, qout = io_quantization(interpreter)      # an int8 file takes and gives int8
 
         def run(x):
-            interpreter.set_tensor(inp, x)
+            interpreter.set_tensor(inp, quantize_input(x, qin, detail["dtype"]))
             interpreter.invoke()
-            return interpreter.get_tensor(out).copy()
+            return dequantize_output(interpreter.get_tensor(out).copy(), qout)
         return run
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
