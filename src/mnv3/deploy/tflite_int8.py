@@ -7,7 +7,8 @@ each hard-swish falls back to the built-in kernel and cuts the delegated graph i
 (MobileNetV3-Small at 0.35: 19 hard-swish ops, 20 delegate partitions). Here each int8 HARD_SWISH
 y = x * relu6(x + 3) / 6 becomes
 
-    t = MUL(x, 1/6)        t holds x / 6: the same integers as x, at 1/6 of its scale
+    t = MUL(x, 1/6)        t holds x / 6: the same integers as x, at 1/6 of its scale (when
+                           XNNPACK accepts that scale against h's; else a scale it accepts)
     h = ADD(t, 1/2)        h's int8 range is [0, 1]: the saturation is the clip of the hard sigmoid
     y = MUL(x, h)          y keeps the quantization the quantizer chose for the hard-swish output
 
@@ -88,7 +89,14 @@ def decompose_hard_swish(model) -> int:
             base = (y.name or b"hswish").decode()
             sixth = _tensor(model, sub, f"{base}/sixth", [1] * len(x.shape), 1 / (6 * 127), 0, np.array(127))
             half = _tensor(model, sub, f"{base}/half", [1] * len(x.shape), 0.5 / 127, 0, np.array(127))
-            t = _tensor(model, sub, f"{base}/x_div_6", x.shape, sx / 6, zx)
+            # t = x / 6 keeps x's integers at 1/6 of its scale, unless that scale is out of what XNNPACK's
+            # int8 ADD accepts against h's (input / output scale in [2^-10, 2^8)): then t takes a scale
+            # in range, zero point 0; only t in [-0.5, 0.5] matters (h saturates outside), and 2/255
+            # still covers [-1, 1]
+            st, zt = sx / 6, zx
+            if not 2 ** -9 / 255 <= st <= 2 / 255:
+                st, zt = min(max(st, 2 ** -9 / 255), 2 / 255), 0
+            t = _tensor(model, sub, f"{base}/x_div_6", x.shape, st, zt)
             h = _tensor(model, sub, f"{base}/hard_sigmoid", x.shape, 1 / 255, -128)
             mul, add = schema.MulOptionsT(), schema.AddOptionsT()
             ops.append(_op(model, sub, schema.BuiltinOperator.MUL, [op.inputs[0], sixth], [t],
