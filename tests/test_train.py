@@ -548,3 +548,40 @@ def test_resume_compares_what_the_recipe_computes_not_its_description(tmp_path):
     assert check_resume(ckpt, {"task": "detect"}, dataclasses.replace(recipe, det_augment="ssd"), tmp_path) is None
     with pytest.raises(TrainError, match="det_augment: run 'ssd' vs now 'ssdlite'"):
         check_resume(ckpt, {"task": "detect"}, recipe, tmp_path)
+
+
+# -- quantization-aware training ---------------------------------------------------------------------------
+def test_qat_simulates_int8_and_leaves_a_float_model(tmp_path, ants_bees, capsys):
+    import copy
+
+    from mnv3.latency.runtimes import calibrate_batchnorm
+    from mnv3.train.qat import is_qat, prepare_qat, strip_qat
+
+    torch.manual_seed(0)
+    model = calibrate_batchnorm(mnv3.build(mnv3.preset("mobilenet_v3_small", 0.35, 32), 2), (8, 3, 32, 32))
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        plain = model(x)
+        simulated = copy.deepcopy(model)
+        points = prepare_qat(simulated)
+        assert is_qat(simulated) and points > 20
+        simulated.eval()                   # (training mode would move batch-norm statistics)
+        simulated(x)                       # the observers see the ranges
+        rounded = simulated(x)
+    assert not torch.equal(rounded, plain)                            # int8 rounding is simulated
+    assert float((rounded - plain).abs().max()) < 0.25 * max(1.0, float(plain.abs().max()))
+    stripped = strip_qat(simulated)
+    assert not is_qat(stripped) and set(stripped.state_dict()) == set(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(stripped(x), plain)                        # the float network again
+    # through the engine from a float model file, then exported int8 as any model
+    start = mnv3.save(model, tmp_path / "float.safetensors")
+    code, out, err = run(capsys, "train", "--data", ants_bees, "--weights", start, "--recipe", "qat", "--epochs", "1",
+                         "--resolution", "32", "--batch-size", "4", "--no-progress", "--out", tmp_path / "qat", "--json")
+    assert code == 0, err
+    assert "quantization-aware training" in err
+    tuned = mnv3.load(last_json(out)["model"])
+    assert tuned.meta.training["qat"] is True and set(tuned.state_dict()) == set(model.state_dict())
+    code, _, err = run(capsys, "export", last_json(out)["model"], "-o", tmp_path / "qat.onnx", "--int8",
+                       "--calibration-images", "8")
+    assert code == 0, err

@@ -171,10 +171,24 @@ def train(data: str | ClassificationData, out: str | Path, *, arch: str | ArchSp
             out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(out / "run.json", json.dumps(inputs, indent=2) + "\n")
 
+        if recipe.qat:
+            from mnv3.train.qat import prepare_qat
+
+            points = prepare_qat(model)
+            if d.main:
+                print(f"quantization-aware training: int8 weights per channel and {points} activation points "
+                      "simulated; the model file stays float (export it with mnv3 export --int8)", file=sys.stderr)
+
         def save_model(module: MobileNet, path: Path, metrics: dict[str, float]) -> None:
             meta = dataclasses.replace(model.meta, training={
                 "recipe": recipe.name, "data": data_set.name, "epochs": recipe.epochs,
-                "top1": metrics.get("val_top1"), "top5": metrics.get("val_top5")})
+                "top1": metrics.get("val_top1"), "top5": metrics.get("val_top5"), "qat": recipe.qat})
+            if recipe.qat:
+                import copy
+
+                from mnv3.train.qat import strip_qat
+
+                module = strip_qat(copy.deepcopy(module))
             save(module, path, meta)
 
         options = RunOptions(out, resume=resume, workers=workers, checkpoint_steps=checkpoint_steps,

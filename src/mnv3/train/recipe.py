@@ -78,6 +78,7 @@ class Recipe:
     crop_pct: float = 0.875          # evaluation: resize to resolution / crop_pct, center crop
     resolution: int | None = None    # None: the data set's size for small images, else the network's
     freeze_backbone: bool = False
+    qat: bool = False                # simulate int8 (weights per channel, activations per tensor) while training
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -227,6 +228,9 @@ HELP = {
     "crop_pct": "evaluation: resize to RESOLUTION / CROP_PCT, then center-crop",
     "resolution": "training and evaluation input size",
     "freeze_backbone": "train the head only (pre-logits and classifier); the backbone's BN stays frozen",
+    "qat": "quantization-aware training: the network sees int8 rounding of its weights (per channel) and "
+           "activations (per tensor) while it trains, so `mnv3 export --int8` loses less; the model file "
+           "stays float",
     "seed": "seed of weights, data order, augmentation and dropout",
 }
 
