@@ -236,3 +236,18 @@ def test_supernet_trains_under_torchrun(space_file, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "supernet.safetensors").is_file()
     assert json.loads((out / "recipe.json").read_text())["sync_bn"] is False
+
+
+def test_progressive_shrinking_sorts_channels_when_width_turns_elastic(space_file, tmp_path, capsys):
+    code, _, err = run(capsys, "supernet", "train", "--space", space_file, "--data", "digits", "--proxy-subset", "64",
+                       "--epochs", "4", "--batch-size", "32", "--calibration", "32", "--supernet-rule", "progressive",
+                       "--ema-decay", "0.9", "--threads", "1", "--no-progress", "--out", tmp_path / "ps")
+    assert code == 0, err
+    assert "step 6: channels sorted by importance" in err          # 2 steps an epoch, the last quarter
+    from mnv3.search.supernet_train import load_supernet
+
+    net, info = load_supernet(tmp_path / "ps")
+    assert info.training["rule"] == "progressive"
+    # saved after the sort (and EMA-averaged with weights that followed it): still in importance order
+    w = net.blocks[0].project.conv.weight.abs().sum((0, 2, 3))
+    assert (w[:-1] >= w[1:]).float().mean() > 0.6
