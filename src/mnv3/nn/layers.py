@@ -136,3 +136,19 @@ class InvertedResidual(nn.Module):
         y = d if self.se is None else d * self.se.scale(d)
         y = self.project(y)
         return e, d, (x + y if self.residual else y)
+
+
+def init_weights(model: nn.Module) -> None:
+    """The MobileNet initialisation: convolutions Kaiming-normal (fan out), batch norm scale 1 and
+    shift 0, linear layers normal(0, 0.01), biases 0."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            nn.init.zeros_(m.bias)

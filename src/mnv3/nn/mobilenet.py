@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from mnv3.arch import ArchSpec
-from mnv3.nn.layers import ConvBNAct, InvertedResidual, activation
+from mnv3.nn.layers import ConvBNAct, InvertedResidual, activation, init_weights
 
 
 @dataclass(frozen=True)
@@ -158,17 +158,7 @@ class MobileNet(nn.Module):
         return self
 
     def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
 
 def build(spec: ArchSpec, num_classes: int = 1000) -> MobileNet:

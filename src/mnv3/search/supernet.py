@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mnv3.arch import ArchSpec, make_divisible
-from mnv3.nn.layers import ConvBNAct, same_padding
+from mnv3.nn.layers import ConvBNAct, init_weights, same_padding
 from mnv3.search.genome import GenomeSpace, Value
 from mnv3.space import SearchSpace
 
@@ -157,21 +157,8 @@ class Supernet(nn.Module):
         self.pre_logits = nn.Linear(last, head.pre_logits) if head.pre_logits else None
         self.dropout = nn.Dropout(head.dropout)
         self.classifier = nn.Linear(features, num_classes)
-        self._init_weights()
+        init_weights(self)
         self.set_genome(self.largest())
-
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
 
     # -- genomes -----------------------------------------------------------------------------------
     def _extreme(self, big: bool) -> tuple[Value, ...]:
