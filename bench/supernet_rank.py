@@ -235,7 +235,7 @@ def plot(rows, stats, path: Path) -> None:
     fig.colorbar(sc, label="predicted latency (ms, ONNX Runtime, 1 thread)")
     ax.set(xlabel="held-out top-1, trained alone (proxy recipe)", ylabel="held-out top-1, supernet estimate",
            title=f"Kendall tau {stats['tau_all']:.2f} (all {stats['n_all']}), {stats['tau_band']:.2f} "
-                 f"(band, {stats['n_band']}, red rims)")
+                 f"(the {stats['n_band']} within ±10%)\nred rims: the networks drawn for the band")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
