@@ -71,6 +71,9 @@ MINIMAL = {
     "eval": ["--weights", "m.safetensors", "--data", "folder"],
     "predict": ["--weights", "m.safetensors", "image.jpg"],
     "export": ["m.safetensors", "-o", "m.onnx"],
+    "supernet train": [],
+    "supernet estimate": ["runs/supernet"],
+    "supernet extract": ["runs/supernet", "--largest", "--output", "m.safetensors"],
 }
 
 
@@ -142,6 +145,7 @@ MODEL_FILE_RUNS = {
     ("lut build", "--space"): None,        # the same space_from_args as lut space
     ("lut validate", "--space"): None,
     ("search", "--space"): None,           # a seed read by resolve_arch, as info's ARCH
+    ("supernet train", "--space"): None,   # the search's resolve_space
 }
 
 
@@ -206,12 +210,16 @@ JSON_RUNS = {
     "eval": [["eval", "--weights", "{model}", "--data", str(HYMENOPTERA / "val"), "--no-progress"]],
     "predict": [["predict", "--weights", "{model}", str(HYMENOPTERA / "val" / "ants")]],
     "export": [["export", "{model}", "-o", "{tmp}/e.onnx"]],
+    "supernet train": [],
+    "supernet estimate": [],
+    "supernet extract": [],
 }
 # lut build and validate measure a table (a minute even for a tiny space), search trains networks:
 # their --json is parsed as one document in tests/test_lut.py (test_lut_build_kill_resume_and_validate_cli),
 # tests/test_search.py (test_search_measure_end_to_end_then_train_the_winner) and tests/test_adapt.py
-# (test_adapt_end_to_end_cli).
-COVERED_ELSEWHERE = {"lut build", "lut validate", "search", "adapt"}
+# (test_adapt_end_to_end_cli); the supernet's train, estimate and extract in tests/test_supernet.py.
+COVERED_ELSEWHERE = {"lut build", "lut validate", "search", "adapt", "supernet train", "supernet estimate",
+                     "supernet extract"}
 
 
 def json_commands() -> set[str]:
