@@ -341,7 +341,8 @@ def quantize_onnx(path: Path, calibration: torch.Tensor) -> None:
     QDQ format, activations uint8 with one scale per tensor from min/max over the calibration
     images, weights int8 with one scale per output channel (per-tensor weight scales lose most of
     MobileNet's accuracy: its depthwise filters differ in range by orders of magnitude). U8S8 is ONNX
-    Runtime's fast path on x86 (S8S8 falls back to slow kernels on AVX2)."""
+    Runtime's fast path on x86 (S8S8 falls back to slow kernels on AVX2). Ops without an int8 kernel
+    are rewritten first (`integer_friendly`)."""
     import tempfile
 
     import onnx
@@ -363,6 +364,11 @@ def quantize_onnx(path: Path, calibration: torch.Tensor) -> None:
             return {name: data[self.i - 1:self.i]}
 
     with tempfile.TemporaryDirectory(prefix="mnv3-int8-") as tmp:
+        rewritten = Path(tmp) / "rewritten.onnx"
+        proto = onnx.load(str(path))
+        integer_friendly(proto)
+        onnx.save(proto, str(rewritten))
+        path_in, path = path, rewritten
         source = Path(tmp) / "pre.onnx"
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
@@ -375,7 +381,48 @@ def quantize_onnx(path: Path, calibration: torch.Tensor) -> None:
         proto = onnx.load(str(Path(tmp) / "int8.onnx"))
     del proto.metadata_props[:]
     proto.metadata_props.extend(metadata)
-    onnx.save(proto, str(path))
+    onnx.save(proto, str(path_in))
+
+
+def integer_friendly(proto) -> int:
+    """Rewrite, in place, the float ops ONNX Runtime has no int8 kernel for into ones it has, so that
+    they stay in the integer graph after QDQ fusion: HardSigmoid(x) (the SE gates and hard-swish, as
+    torch exports them) as Clip(Add(Mul(x, alpha), beta), 0, 1), which becomes QLinearMul and
+    QLinearAdd with the clip folded into the output range; HardSwish(x) likewise times x; and the SE
+    pooling ReduceMean over H, W (keepdims) as GlobalAveragePool (QLinearGlobalAveragePool).
+    Returns how many nodes were rewritten."""
+    from onnx import helper, numpy_helper
+
+    def attr(node, name, default):
+        for a in node.attribute:
+            if a.name == name:
+                return list(a.ints) if a.type == a.INTS else (a.f if a.type == a.FLOAT else a.i)
+        return default
+
+    graph, nodes, count = proto.graph, [], 0
+    for n in graph.node:
+        if n.op_type in ("HardSigmoid", "HardSwish"):
+            count += 1
+            pre = f"mnv3_hs{count}"
+            alpha = attr(n, "alpha", 0.2 if n.op_type == "HardSigmoid" else 1 / 6)
+            beta = attr(n, "beta", 0.5)
+            for name, value in (("alpha", alpha), ("beta", beta), ("lo", 0.0), ("hi", 1.0)):
+                graph.initializer.append(numpy_helper.from_array(np.array(value, np.float32), f"{pre}_{name}"))
+            gate = n.output[0] if n.op_type == "HardSigmoid" else f"{pre}_gate"
+            nodes += [helper.make_node("Mul", [n.input[0], f"{pre}_alpha"], [f"{pre}_scaled"]),
+                      helper.make_node("Add", [f"{pre}_scaled", f"{pre}_beta"], [f"{pre}_shifted"]),
+                      helper.make_node("Clip", [f"{pre}_shifted", f"{pre}_lo", f"{pre}_hi"], [gate])]
+            if n.op_type == "HardSwish":
+                nodes.append(helper.make_node("Mul", [n.input[0], gate], [n.output[0]]))
+        elif (n.op_type == "ReduceMean" and attr(n, "keepdims", 1) == 1 and attr(n, "axes", []) == [2, 3]
+              and len(n.input) == 1):
+            count += 1
+            nodes.append(helper.make_node("GlobalAveragePool", [n.input[0]], [n.output[0]]))
+        else:
+            nodes.append(n)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return count
 
 
 INTEGER_OPS = ("QLinear", "QGemm", "ConvInteger", "MatMulInteger", "QAttention", "QEmbed")
