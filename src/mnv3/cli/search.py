@@ -157,12 +157,6 @@ def target_network(args: argparse.Namespace, family: str | None, space):
     return ref, args.target_of + (f" x{args.target_width}" if args.target_width else "")
 
 
-def cheapest(genomes):
-    """The fastest network of the space: fewest, narrowest, smallest-kernel blocks, no SE, ReLU."""
-    order = {"off": 0, "on": 1, "relu": 0, "relu6": 1, "hswish": 2}
-    return tuple(min(g.choices, key=lambda v: order.get(v, v) if isinstance(v, str) else v) for g in genomes.genes)
-
-
 def open_oracle(args: argparse.Namespace):
     """The accuracy oracle (--oracle), the space and its seed family (a preset name or None). A
     supernet brings its space: --space left out means the supernet's, a different one is refused."""
@@ -177,10 +171,10 @@ def open_oracle(args: argparse.Namespace):
         return oracle, space, family
     if not args.oracle.startswith("supernet:") or not args.oracle[len("supernet:"):]:
         raise SearchError(f"--oracle {args.oracle}: expected proxy or supernet:DIR (a folder from mnv3 supernet train)")
-    from mnv3.search.supernet_train import SupernetOracle, load_supernet, supernet_path
+    from mnv3.search.supernet_train import SupernetOracle, read_supernet_info
 
     where = args.oracle[len("supernet:"):]
-    _, info = load_supernet(supernet_path(where))
+    info = read_supernet_info(where)
     mine = info.space
     default, family = resolve_space(argparse.Namespace(space=None), mine.seed.resolution, mine.seed.total_stride())
     if args.space is not None:
@@ -246,7 +240,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     else:
         ref, target_label = target_network(args, family, space)
         target = stored_target(storage, args.study) or float(latency.ms(ref))
-    fastest = float(latency.ms(genomes.decode(cheapest(genomes))))
+    fastest = float(latency.ms(genomes.decode(genomes.extreme(largest=False))))
     if target < fastest:
         raise LatencyError(f"latency target {target:.3f} ms is below the fastest network of the space "
                            f"({fastest:.3f} ms on {args.runtime}); no network can meet it: raise the target or "

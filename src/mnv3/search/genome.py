@@ -71,6 +71,13 @@ class GenomeSpace:
     def to_params(self, genome: Sequence[Value]) -> dict[str, Value]:
         return {g.name: v for g, v in zip(self.genes, self.check(genome))}
 
+    def extreme(self, largest: bool) -> tuple[Value, ...]:
+        """The largest network of the space (widest, deepest, largest kernels and expansion, SE
+        everywhere, hard-swish) or the smallest (and fastest: ReLU, no SE), gene by gene."""
+        order = {"off": 0, "on": 1, "relu": 0, "relu6": 1, "hswish": 2}
+        pick = max if largest else min
+        return tuple(pick(g.choices, key=lambda v: order.get(v, 0) if isinstance(v, str) else v) for g in self.genes)
+
     def random(self, rng: random.Random) -> tuple[Value, ...]:
         return tuple(rng.choice(g.choices) for g in self.genes)
 

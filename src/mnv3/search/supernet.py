@@ -161,18 +161,12 @@ class Supernet(nn.Module):
         self.set_genome(self.largest())
 
     # -- genomes -----------------------------------------------------------------------------------
-    def _extreme(self, big: bool) -> tuple[Value, ...]:
-        order = {"off": 0, "on": 1, "relu": 0, "relu6": 1, "hswish": 2}
-        pick = max if big else min
-        return tuple(pick(g.choices, key=lambda v: order.get(v, 0) if isinstance(v, str) else v)
-                     for g in self.genomes.genes)
-
     def largest(self) -> tuple[Value, ...]:
         """Widest, deepest, largest kernels and expansion, SE everywhere, hard-swish."""
-        return self.genomes.canonical(self._extreme(True))
+        return self.genomes.canonical(self.genomes.extreme(True))
 
     def smallest(self) -> tuple[Value, ...]:
-        return self.genomes.canonical(self._extreme(False))
+        return self.genomes.canonical(self.genomes.extreme(False))
 
     def configs(self, spec: ArchSpec, genome: Sequence[Value]) -> tuple[list[SlotConfig | None], int]:
         g = dict(zip((x.name for x in self.genomes.genes), genome))
@@ -294,12 +288,13 @@ class Supernet(nn.Module):
                              "layer, so their depthwise weights read the stage's channels; sorting would change "
                              "those sub-networks")
         moves: list[tuple[str, int, torch.Tensor]] = []
+        tensors = {**dict(self.named_parameters()), **dict(self.named_buffers())}
 
         def order(importance: torch.Tensor) -> torch.Tensor:
             return torch.sort(importance, descending=True, stable=True).indices
 
         def move(name: str, dim: int, perm: torch.Tensor) -> None:
-            t = self.get_parameter(name) if name in self._param_names() else self.get_buffer(name)
+            t = tensors[name]
             t.data.copy_(t.data.index_select(dim, perm))
             moves.append((name, dim, perm))
 
@@ -328,16 +323,13 @@ class Supernet(nn.Module):
             readers = [f"blocks.{i}.expand.conv.weight" for i in mine[1:] + nxt] or []
             if not nxt:
                 readers.append("last_conv.conv.weight")
-            perm = order(sum(self.get_parameter(r).abs().sum((0, 2, 3)) for r in readers))
+            perm = order(sum(tensors[r].abs().sum((0, 2, 3)) for r in readers))
             for i in mine:
                 move(f"blocks.{i}.project.conv.weight", 0, perm)
                 move_bn(f"blocks.{i}.project.bn", perm)
             for r in readers:
                 move(r, 1, perm)
         return moves
-
-    def _param_names(self) -> set[str]:
-        return {n for n, _ in self.named_parameters()}
 
 
 def apply_moves(tensors: dict[str, torch.Tensor], moves: list[tuple[str, int, torch.Tensor]]) -> None:

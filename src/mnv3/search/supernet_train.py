@@ -165,12 +165,13 @@ class SupernetTask:
         the optimizer's state and the EMA following the weights."""
         model: SandwichModel = trainer.model
         moves = model.supernet.sort_channels()
-        by_name = dict(model.supernet.named_parameters())
-        for name, dim, perm in moves:        # momentum buffers are shaped like their parameter
-            p = by_name.get(name)
-            for t in (trainer.optimizer.state.get(p, {}).values() if p is not None else ()):
-                if torch.is_tensor(t) and t.shape == p.shape:
-                    t.copy_(t.index_select(dim, perm.to(t.device)))
+        states: dict[str, dict[str, torch.Tensor]] = {}   # optimizer state kind -> {parameter name: tensor}
+        for name, p in model.supernet.named_parameters():
+            for kind, t in trainer.optimizer.state.get(p, {}).items():
+                if torch.is_tensor(t) and t.shape == p.shape:     # momentum buffers, shaped like their parameter
+                    states.setdefault(kind, {})[name] = t
+        for tensors in states.values():
+            apply_moves(tensors, moves)
         if trainer.ema is not None:
             apply_moves(trainer.ema.module.supernet.state_dict(), moves)
         if trainer.dist.main:
@@ -275,6 +276,14 @@ def supernet_path(where: str | Path) -> Path:
     return path
 
 
+def read_supernet_info(where: str | Path) -> SupernetInfo:
+    """What a supernet file says about itself (its space, data split, ...), from its header only."""
+    from mnv3.arch import safetensors_metadata
+
+    path = supernet_path(where)
+    return SupernetInfo.from_header(safetensors_metadata(path) or {}, str(path))
+
+
 def load_supernet(where: str | Path, space: SearchSpace | None = None) -> tuple[Supernet, SupernetInfo]:
     """The supernet of a file or run folder; with `space`, it must be the space it was trained over."""
     from mnv3.weights.model_file import read_safetensors
@@ -346,10 +355,11 @@ def train_supernet(data: str | ClassificationData, out: str | Path, space: Searc
         model = SandwichModel(net)
         calib, _ = load_images(EvalSet(split.train, pre), calibration, seed=split_seed)
         task = SupernetTask(recipe, calib)
+        fingerprint = split.fingerprint()       # hashes every file name: once
         identity = {"task": "supernet", "spec": json.dumps(space.to_dict(), sort_keys=True), "num_classes": n,
-                    "classes": list(split.classes), "data": split.fingerprint(), "data_ref": split.ref or split.source}
+                    "classes": list(split.classes), "data": fingerprint, "data_ref": split.ref or split.source}
         info = SupernetInfo(space, n, tuple(split.classes), tuple(split.class_names) if split.class_names else None,
-                            pre, str(full.ref or data), split.fingerprint(), held_out, subset, split_seed,
+                            pre, str(full.ref or data), fingerprint, held_out, subset, split_seed,
                             {"recipe": recipe.name, "rule": recipe.supernet_rule, "epochs": recipe.epochs,
                              "calibration_images": calibration})
         if d.main:
