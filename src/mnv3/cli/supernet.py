@@ -209,8 +209,6 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from mnv3.search.supernet_train import SupernetOracle
     from mnv3.weights import ModelMeta, save
 
@@ -222,7 +220,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     meta = ModelMeta(classes=info.classes, class_names=info.class_names, preprocess=info.preprocess,
                      source=str(oracle.path), training={"supernet": str(oracle.path), "held_out_top1": top1,
                                                         "data": info.data})
-    path = save(module.eval(), args.output, dataclasses.replace(meta))
+    path = save(module.eval(), args.output, meta)
     print(f"{module.spec.name}: held-out top-1 {top1:.4f} as extracted (batch norm recalibrated on "
           f"{oracle.calibration_count} training images); written to {path}")
     print(f"fine-tune it: mnv3 train --weights {path} --data {info.data}")

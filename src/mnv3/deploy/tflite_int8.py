@@ -63,7 +63,7 @@ def _tensor(model, sub, name: str, shape, scale: float, zero: int, data: np.ndar
     return len(sub.tensors) - 1
 
 
-def _op(model, sub, code: int, inputs: list[int], outputs: list[int], options_type: int, options) -> object:
+def _op(model, code: int, inputs: list[int], outputs: list[int], options_type: int, options) -> object:
     schema = _schema()
     op = schema.OperatorT()
     op.opcodeIndex = _opcode_index(model, code)
@@ -99,11 +99,11 @@ def decompose_hard_swish(model) -> int:
             t = _tensor(model, sub, f"{base}/x_div_6", x.shape, st, zt)
             h = _tensor(model, sub, f"{base}/hard_sigmoid", x.shape, 1 / 255, -128)
             mul, add = schema.MulOptionsT(), schema.AddOptionsT()
-            ops.append(_op(model, sub, schema.BuiltinOperator.MUL, [op.inputs[0], sixth], [t],
+            ops.append(_op(model, schema.BuiltinOperator.MUL, [op.inputs[0], sixth], [t],
                            schema.BuiltinOptions.MulOptions, mul))
-            ops.append(_op(model, sub, schema.BuiltinOperator.ADD, [t, half], [h],
+            ops.append(_op(model, schema.BuiltinOperator.ADD, [t, half], [h],
                            schema.BuiltinOptions.AddOptions, add))
-            ops.append(_op(model, sub, schema.BuiltinOperator.MUL, [op.inputs[0], h], [op.outputs[0]],
+            ops.append(_op(model, schema.BuiltinOperator.MUL, [op.inputs[0], h], [op.outputs[0]],
                            schema.BuiltinOptions.MulOptions, schema.MulOptionsT()))
             count += 1
         sub.operators = ops
