@@ -565,6 +565,14 @@ def test_qat_simulates_int8_and_leaves_a_float_model(tmp_path, ants_bees, capsys
         simulated = copy.deepcopy(model)
         points = prepare_qat(simulated)
         assert is_qat(simulated) and points > 20
+        # the stem stays float, as `mnv3 export --int8` leaves it; --int8-stem's simulation quantizes it too
+        from torch.nn.utils import parametrize
+
+        assert not parametrize.is_parametrized(simulated.stem.conv, "weight")
+        assert parametrize.is_parametrized(simulated.blocks[0].project.conv, "weight")
+        whole = copy.deepcopy(model)
+        assert prepare_qat(whole, float_stem=False) == points + 1
+        assert parametrize.is_parametrized(whole.stem.conv, "weight")
         simulated.eval()                   # (training mode would move batch-norm statistics)
         simulated(x)                       # the observers see the ranges
         rounded = simulated(x)

@@ -32,7 +32,11 @@ def register(sub) -> None:
                         "1e-3; 0.25 with --int8)")
     p.add_argument("--int8", action="store_true",
                    help="static post-training int8: ONNX (QDQ, uint8 activations, per-channel int8 weights) or "
-                        "TFLite (AI Edge quantizer, int8 throughout, hard-swish rewritten for XNNPACK)")
+                        "TFLite (AI Edge quantizer, hard-swish rewritten for XNNPACK); the stem (first convolution "
+                        "and its activation) stays float, see --int8-stem")
+    p.add_argument("--int8-stem", action="store_true",
+                   help="--int8: quantize the stem too (an integer-only graph with int8 input, for accelerators "
+                        "without float; slower on CPUs: int8 kernels handle 3 input channels poorly)")
     p.add_argument("--calibration", metavar="DIR",
                    help="--int8: images to calibrate the activation ranges on (default: scikit-learn's digits)")
     p.add_argument("--calibration-images", type=int, default=64, metavar="N",
@@ -61,7 +65,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.calibration_images < 1:
         raise ExportError(f"--calibration-images: expected at least 1, got {args.calibration_images}")
     report = export(model, args.output, args.format, batch=args.batch, dynamic=args.dynamic_batch,
-                    images=args.images, tolerance=args.tolerance, force=args.force, int8=args.int8,
+                    images=args.images, tolerance=args.tolerance, force=args.force, int8=args.int8, int8_stem=args.int8_stem,
                     calibration=args.calibration, calibration_images=args.calibration_images)
     print(f"{args.model} -> {report.path} ({report.format}, batch {report.batch}, input {report.input_shape}, "
           f"output {report.output_shape})")

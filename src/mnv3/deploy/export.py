@@ -20,6 +20,7 @@ import copy
 import io
 import itertools
 import json
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -261,11 +262,13 @@ WRITERS = {"onnx": (_write_onnx, _run_onnx), "tflite": (_write_tflite, _run_tfli
 # -- export ---------------------------------------------------------------------------------------------
 def export(model, path: str | Path, fmt: str | None = None, *, batch: int = 1, dynamic: bool = False,
            images: str | Path | None = None, tolerance: float | None = None, force: bool = False,
-           int8: bool = False, calibration: str | Path | None = None, calibration_images: int = 64) -> ExportReport:
+           int8: bool = False, calibration: str | Path | None = None, calibration_images: int = 64,
+           int8_stem: bool = False) -> ExportReport:
     """Export `model` to `path` (format from `fmt` or the suffix) and verify it (see the module doc).
     `tolerance` is relative to the largest eager output: the file fails when max |file - eager| >
     tolerance x max(1, max |eager|) (default 1e-3; 0.25 for int8). `int8` (ONNX and TFLite):
-    static post-training quantization, see `quantize_onnx` and `tflite_int8.quantize_tflite`."""
+    static post-training quantization, see `quantize_onnx` and `tflite_int8.quantize_tflite`; the stem
+    stays float unless `int8_stem`."""
     from mnv3.files import atomic_write
 
     fmt = format_of(path, fmt)
@@ -292,23 +295,25 @@ def export(model, path: str | Path, fmt: str | None = None, *, batch: int = 1, d
     trace_batch = 2 if dynamic else batch
     x = verification_batch(model, images, max(trace_batch, 3 if dynamic else batch), images_flag)
     if int8:
-        scheme = ("static QDQ, activations uint8 per tensor, weights int8 per channel" if fmt == "onnx" else
-                  "static, AI Edge quantizer: activations int8 per tensor, weights int8 per channel, int8 input "
-                  "and output; hard-swish as MUL, ADD, MUL (all delegated to XNNPACK)")
+        stem = "stem int8, int8 input" if int8_stem else "stem (first convolution and activation) float, float input"
+        scheme = (f"static QDQ, activations uint8 per tensor, weights int8 per channel; {stem}; hard-sigmoids "
+                  "as one table lookup (QLinearLeakyRelu)" if fmt == "onnx" else
+                  "static, AI Edge quantizer: activations int8 per tensor, weights int8 per channel, int8 output; "
+                  f"{stem}; hard-swish as MUL, ADD, MUL (all delegated to XNNPACK)")
         info["int8"] = {"scheme": scheme, "calibration": str(calibration or "digits"),
-                        "calibration_images": calibration_images}
+                        "calibration_images": calibration_images, "stem": "int8" if int8_stem else "float"}
         calib = verification_batch(model, calibration, calibration_images, "--calibration")
 
         def write_int8(tmp: Path) -> None:
             if fmt == "onnx":
                 write(folded, x[:trace_batch], tmp, dynamic, info)
-                quantize_onnx(tmp, calib)
+                quantize_onnx(tmp, calib, float_stem=not int8_stem)
                 return
             from mnv3.deploy.tflite_int8 import quantize_tflite
             from mnv3.latency.runtimes import export_tflite
 
             export_tflite(folded, x[:trace_batch], tmp)
-            quantize_tflite(tmp, calib.numpy())
+            quantize_tflite(tmp, calib.numpy(), float_stem=not int8_stem)
             add_tflite_metadata(tmp, "mnv3", json.dumps(info).encode())
         atomic_write(path, write_int8)
     else:
@@ -336,13 +341,21 @@ def export(model, path: str | Path, fmt: str | None = None, *, batch: int = 1, d
 
 
 # -- int8 ---------------------------------------------------------------------------------------------
-def quantize_onnx(path: Path, calibration: torch.Tensor) -> None:
+STEM = re.compile(r"(^|/)stem/")    # the stem's nodes in torch's ONNX names (/stem/conv/Conv)
+
+
+def quantize_onnx(path: Path, calibration: torch.Tensor, float_stem: bool = True, lookup: bool = True) -> None:
     """Static post-training quantization of the float ONNX file at `path`, in place: ONNX Runtime's
     QDQ format, activations uint8 with one scale per tensor from min/max over the calibration
     images, weights int8 with one scale per output channel (per-tensor weight scales lose most of
     MobileNet's accuracy: its depthwise filters differ in range by orders of magnitude). U8S8 is ONNX
     Runtime's fast path on x86 (S8S8 falls back to slow kernels on AVX2). Ops without an int8 kernel
-    are rewritten first (`integer_friendly`)."""
+    are rewritten first (`integer_friendly`), the hard-sigmoids after (`lookup_gates`).
+
+    The stem (the first convolution and its hard-swish) stays float: with 3 input channels the int8
+    convolution kernels of ONNX Runtime and XNNPACK waste most of their width (both pad the channels
+    of each filter tap to their vector's group), and on MobileNetV3-Small at 224 the int8 stem took
+    2-3x the float one's time (`bench/int8_profile.py`); float pixels also keep their precision."""
     import tempfile
 
     import onnx
@@ -366,7 +379,8 @@ def quantize_onnx(path: Path, calibration: torch.Tensor) -> None:
     with tempfile.TemporaryDirectory(prefix="mnv3-int8-") as tmp:
         rewritten = Path(tmp) / "rewritten.onnx"
         proto = onnx.load(str(path))
-        integer_friendly(proto)
+        stem = [n.name for n in proto.graph.node if STEM.search(n.name)] if float_stem else []
+        integer_friendly(proto, keep=set(stem))
         onnx.save(proto, str(rewritten))
         path_in, path = path, rewritten
         source = Path(tmp) / "pre.onnx"
@@ -377,20 +391,23 @@ def quantize_onnx(path: Path, calibration: torch.Tensor) -> None:
             except Exception:                                   # noqa: BLE001 - optional step: quantize as is
                 source = path
             quantize_static(str(source), str(Path(tmp) / "int8.onnx"), Reader(), quant_format=QuantFormat.QDQ,
-                            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            nodes_to_exclude=stem)
         proto = onnx.load(str(Path(tmp) / "int8.onnx"))
+    if lookup:
+        lookup_gates(proto)
     del proto.metadata_props[:]
     proto.metadata_props.extend(metadata)
     onnx.save(proto, str(path_in))
 
 
-def integer_friendly(proto) -> int:
+def integer_friendly(proto, keep: set[str] = frozenset()) -> int:
     """Rewrite, in place, the float ops ONNX Runtime has no int8 kernel for into ones it has, so that
     they stay in the integer graph after QDQ fusion: HardSigmoid(x) (the SE gates and hard-swish, as
     torch exports them) as Clip(Add(Mul(x, alpha), beta), 0, 1), which becomes QLinearMul and
     QLinearAdd with the clip folded into the output range; HardSwish(x) likewise times x; and the SE
     pooling ReduceMean over H, W (keepdims) as GlobalAveragePool (QLinearGlobalAveragePool).
-    Returns how many nodes were rewritten."""
+    Nodes named in `keep` stay as they are. Returns how many nodes were rewritten."""
     from onnx import helper, numpy_helper
 
     def attr(node, name, default):
@@ -401,7 +418,9 @@ def integer_friendly(proto) -> int:
 
     graph, nodes, count = proto.graph, [], 0
     for n in graph.node:
-        if n.op_type in ("HardSigmoid", "HardSwish"):
+        if n.name in keep:
+            nodes.append(n)
+        elif n.op_type in ("HardSigmoid", "HardSwish"):
             count += 1
             pre = f"mnv3_hs{count}"
             alpha = attr(n, "alpha", 0.2 if n.op_type == "HardSigmoid" else 1 / 6)
@@ -409,11 +428,13 @@ def integer_friendly(proto) -> int:
             for name, value in (("alpha", alpha), ("beta", beta), ("lo", 0.0), ("hi", 1.0)):
                 graph.initializer.append(numpy_helper.from_array(np.array(value, np.float32), f"{pre}_{name}"))
             gate = n.output[0] if n.op_type == "HardSigmoid" else f"{pre}_gate"
-            nodes += [helper.make_node("Mul", [n.input[0], f"{pre}_alpha"], [f"{pre}_scaled"]),
-                      helper.make_node("Add", [f"{pre}_scaled", f"{pre}_beta"], [f"{pre}_shifted"]),
-                      helper.make_node("Clip", [f"{pre}_shifted", f"{pre}_lo", f"{pre}_hi"], [gate])]
+            nodes += [helper.make_node("Mul", [n.input[0], f"{pre}_alpha"], [f"{pre}_scaled"], name=f"{n.name}/scale"),
+                      helper.make_node("Add", [f"{pre}_scaled", f"{pre}_beta"], [f"{pre}_shifted"],
+                                       name=f"{n.name}/shift"),
+                      helper.make_node("Clip", [f"{pre}_shifted", f"{pre}_lo", f"{pre}_hi"], [gate],
+                                       name=f"{n.name}/clip")]
             if n.op_type == "HardSwish":
-                nodes.append(helper.make_node("Mul", [n.input[0], gate], [n.output[0]]))
+                nodes.append(helper.make_node("Mul", [n.input[0], gate], [n.output[0]], name=f"{n.name}/times"))
         elif (n.op_type == "ReduceMean" and attr(n, "keepdims", 1) == 1 and attr(n, "axes", []) == [2, 3]
               and len(n.input) == 1):
             count += 1
@@ -422,6 +443,94 @@ def integer_friendly(proto) -> int:
             nodes.append(n)
     del graph.node[:]
     graph.node.extend(nodes)
+    return count
+
+
+def lookup_gates(proto) -> int:
+    """Rewrite, in place, each quantized hard-sigmoid `integer_friendly` left as Mul(x, alpha), Add(beta)
+    (clip in the output range) into one table lookup: a QLinearLeakyRelu with slope 1 (ONNX Runtime
+    runs it as a 256-entry table) that requantizes x to the scale s / alpha and zero point
+    z + beta / s, read by the next op at scale s and zero point z. That integer is alpha * x + beta at
+    scale s, saturated to the gate's range [0, 1] by the integer type: the hard-sigmoid, in one pass
+    over the tensor instead of two (QLinearMul and QLinearAdd). s is 1/255, the type's whole range;
+    beta / s is rounded to a whole step (for beta = 1/2 the gate is half a step, 0.002, high before
+    it saturates). The graph stays a valid float graph (a quantize and dequantize pair with different
+    parameters). Hard-sigmoids whose multiply was folded into a convolution (the SE gates) are left
+    as they are: their Add runs on one value per channel. Returns how many were rewritten."""
+    from onnx import helper, numpy_helper
+
+    g = proto.graph
+    init = {i.name: i for i in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    users: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+
+    def constant(name: str) -> float | None:
+        n = producer.get(name)
+        if n is not None and n.op_type == "DequantizeLinear" and n.input[0] in init:
+            q = numpy_helper.to_array(init[n.input[0]]).astype(np.float64)
+            scale = numpy_helper.to_array(init[n.input[1]]).astype(np.float64)
+            zero = numpy_helper.to_array(init[n.input[2]]).astype(np.float64) if len(n.input) > 2 else 0.0
+            value = (q - zero) * scale
+        elif name in init:
+            value = numpy_helper.to_array(init[name]).astype(np.float64)
+        else:
+            return None
+        return float(value) if value.size == 1 else None
+
+    def only_user(name: str, op: str):
+        found = users.get(name, [])
+        return found[0] if len(found) == 1 and found[0].op_type == op else None
+
+    drop: set[int] = set()
+    before: dict[int, list] = {}
+    count = 0
+    for add in g.node:
+        if add.op_type != "Add" or (beta := constant(add.input[1])) is None:
+            continue
+        dq = producer.get(add.input[0])
+        q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        mul = producer.get(q.input[0]) if q is not None and q.op_type == "QuantizeLinear" else None
+        if mul is None or mul.op_type != "Mul" or (alpha := constant(mul.input[1])) is None or alpha <= 0:
+            continue
+        out_q = only_user(add.output[0], "QuantizeLinear")
+        if not (out_q and only_user(mul.output[0], "QuantizeLinear") and only_user(q.output[0], "DequantizeLinear")
+                and only_user(dq.output[0], "Add")):
+            continue
+        readers = users.get(out_q.output[0], [])
+        if not readers or any(r.op_type != "DequantizeLinear" for r in readers) or len(out_q.input) < 3:
+            continue
+        dtype = numpy_helper.to_array(init[out_q.input[2]]).dtype
+        lo, hi = int(np.iinfo(dtype).min), int(np.iinfo(dtype).max)
+        steps = hi - lo                         # the gate's [0, 1] over the type's whole range
+        count += 1
+        pre = f"mnv3_gate{count}"
+        scale, zero = 1.0 / steps, lo           # the gate: scale * (q - zero), q in [lo, hi]
+        g.initializer.extend([
+            numpy_helper.from_array(np.array(scale / alpha, np.float32), f"{pre}_in_scale"),
+            numpy_helper.from_array(np.array(zero + round(beta * steps), dtype), f"{pre}_in_zero"),
+            numpy_helper.from_array(np.array(scale, np.float32), f"{pre}_scale"),
+            numpy_helper.from_array(np.array(zero, dtype), f"{pre}_zero")])
+        before[id(mul)] = [
+            helper.make_node("LeakyRelu", [mul.input[0]], [f"{pre}_x"], alpha=1.0, name=f"{pre}/requantize"),
+            helper.make_node("QuantizeLinear", [f"{pre}_x", f"{pre}_in_scale", f"{pre}_in_zero"],
+                             [out_q.output[0]], name=f"{pre}/quantize")]
+        for r in readers:
+            r.input[1], r.input[2] = f"{pre}_scale", f"{pre}_zero"
+        drop.update(id(n) for n in (mul, q, dq, add, out_q))
+    nodes = []
+    for n in g.node:
+        nodes += before.get(id(n), [])
+        if id(n) not in drop:
+            nodes.append(n)
+    del g.node[:]
+    g.node.extend(nodes)
+    used = {i for n in g.node for i in n.input}
+    kept = [i for i in g.initializer if i.name in used]
+    del g.initializer[:]
+    g.initializer.extend(kept)
     return count
 
 

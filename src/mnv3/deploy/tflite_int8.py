@@ -110,6 +110,34 @@ def decompose_hard_swish(model) -> int:
     return count
 
 
+def float_input(model) -> int:
+    """Where the graph's first op dequantizes a graph input (the quantizer quantizes the input even
+    when the op that reads it stays float), read the float tensor directly instead: the caller
+    feeds float images and one pass over the input is saved. Returns how many inputs changed."""
+    schema = _schema()
+    changed = 0
+    for sub in model.subgraphs:
+        keep = []
+        for op in sub.operators:
+            code = model.operatorCodes[op.opcodeIndex]
+            src = op.inputs[0] if len(op.inputs) else -1
+            if max(code.builtinCode, code.deprecatedBuiltinCode) == schema.BuiltinOperator.DEQUANTIZE \
+                    and src in list(sub.inputs):
+                new = op.outputs[0]
+                sub.inputs = [new if i == src else i for i in sub.inputs]
+                for sig in model.signatureDefs or []:
+                    for t in sig.inputs or []:
+                        if t.tensorIndex == src:
+                            t.tensorIndex = new
+                sub.tensors[new].name = sub.tensors[src].name
+                sub.tensors[src].name = sub.tensors[src].name + b"/int8"
+                changed += 1
+                continue
+            keep.append(op)
+        sub.operators = keep
+    return changed
+
+
 def read_model(path: str | Path):
     """The file as a schema ModelT; buffers stored after the flatbuffer (offset and size, as the
     AI Edge quantizer writes them) are read into the model, so that it can be packed again."""
@@ -130,7 +158,10 @@ def write_model(model, path: str | Path) -> None:
     Path(path).write_bytes(bytes(builder.Output()))
 
 
-def quantize_tflite(path: Path, calibration: np.ndarray, *, decompose: bool = True) -> dict:
+STEM_SCOPE = r"ConvBNAct_stem"
+
+
+def quantize_tflite(path: Path, calibration: np.ndarray, *, decompose: bool = True, float_stem: bool = True) -> dict:
     """Quantize the float TFLite file at `path` in place (int8 in and out), calibrated on
     `calibration` (N, C, H, W float images, fed at the file's batch); returns what was done."""
     import contextlib
@@ -148,7 +179,10 @@ def quantize_tflite(path: Path, calibration: np.ndarray, *, decompose: bool = Tr
     samples = [{name: np.ascontiguousarray(calibration[i:i + batch], dtype=np.float32)}
                for i in range(0, len(calibration) - batch + 1, batch)]
     quantizer = aq.Quantizer(str(path))
-    quantizer.load_quantization_recipe(aq.recipe.static_wi8_ai8())
+    recipe = aq.recipe.static_wi8_ai8()
+    if float_stem:
+        recipe.append({**recipe[0], "regex": STEM_SCOPE, "algorithm_key": "no_quantize"})
+    quantizer.load_quantization_recipe(recipe)
     with tempfile.TemporaryDirectory(prefix="mnv3-tflite-int8-") as tmp, \
             contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         # min/max over all calibration images, not the quantizer's default moving average of each
@@ -164,8 +198,9 @@ def quantize_tflite(path: Path, calibration: np.ndarray, *, decompose: bool = Tr
         result.export_model(str(out), overwrite=True)
         model = read_model(out)
     rewritten = decompose_hard_swish(model) if decompose else 0
+    inputs = float_input(model) if float_stem else 0
     write_model(model, path)
-    return {"hard_swish_rewritten": rewritten, "calibration_batches": len(samples)}
+    return {"hard_swish_rewritten": rewritten, "calibration_batches": len(samples), "float_inputs": inputs}
 
 
 def op_report_tflite(path: str | Path, threads: int = 1) -> dict:

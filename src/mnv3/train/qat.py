@@ -6,9 +6,12 @@ What is simulated (straight-through estimator for the gradients):
     Batch norm is folded into the convolutions at export; folding multiplies each output channel by
     one factor, which per-channel symmetric scales follow exactly, so quantizing the unfolded weight
     here gives the same integers as quantizing the folded one there;
-  * activations, 8-bit affine with one scale per tensor from a moving min/max: the network input,
-    every conv + BN + activation output, every block output (after the residual add) and every
-    squeeze-and-excite output, where the exporters put their quantize/dequantize pairs.
+  * activations, 8-bit affine with one scale per tensor from a moving min/max: every conv + BN +
+    activation output, every block output (after the residual add) and every squeeze-and-excite
+    output, where the exporters put their quantize/dequantize pairs.
+The stem (the first convolution and its activation) is left float, input included, as `mnv3 export
+--int8` leaves it (`float_stem=False` simulates `--int8-stem`: the input and the stem's weights
+quantized too); its output is quantized, where the export puts its one QUANTIZE.
 The weights stay float: the model file written at the end is an ordinary float model (nothing of
 the simulation is saved), which `mnv3 export --int8` calibrates and quantizes as any other.
 """
@@ -45,14 +48,16 @@ class _OutputQuant(nn.Module):
         self.fq = activation_fake_quant()
 
 
-def prepare_qat(model: nn.Module) -> int:
+def prepare_qat(model: nn.Module, float_stem: bool = True) -> int:
     """Add the simulation to `model` in place; returns how many activation points it quantizes."""
     from mnv3.nn.layers import ConvBNAct, InvertedResidual, SqueezeExcite
 
     if is_qat(model):
         return 0
+    stem = getattr(model, "stem", None) if float_stem else None
+    kept = {id(m) for m in stem.modules()} if stem is not None else set()
     for m in model.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and id(m) not in kept:
             parametrize.register_parametrization(m, "weight", WeightFakeQuant())
     points = 0
     targets = [m for m in model.modules() if isinstance(m, (ConvBNAct, InvertedResidual, SqueezeExcite))]
@@ -60,9 +65,11 @@ def prepare_qat(model: nn.Module) -> int:
         m.qat_out = _OutputQuant()
         m.register_forward_hook(_quantize_output)
         points += 1
-    model.qat_in = _OutputQuant()
-    model.register_forward_pre_hook(_quantize_input)
-    return points + 1
+    if stem is None:
+        model.qat_in = _OutputQuant()
+        model.register_forward_pre_hook(_quantize_input)
+        points += 1
+    return points
 
 
 def _quantize_output(module: nn.Module, inputs, output):
@@ -76,7 +83,7 @@ def _quantize_input(module: nn.Module, inputs):
 
 
 def is_qat(model: nn.Module) -> bool:
-    return hasattr(model, "qat_in")
+    return any(hasattr(m, "qat_out") or hasattr(m, "qat_in") for m in model.modules())
 
 
 def strip_qat(model: nn.Module) -> nn.Module:
