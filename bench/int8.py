@@ -2,7 +2,7 @@
 
 Latency: MobileNetV3-Large, -Small and MobileNetV2 (224x224, batch 1, 1 thread), exported float and
 int8 for ONNX Runtime (static QDQ) and LiteRT (AI Edge quantizer + hard-swish rewritten for XNNPACK),
-plus the AI Edge quantizer's int8 file without our rewrite (what a user of the quantizer alone
+each int8 twice: as `mnv3 export --int8` writes it (the stem float) and with `--int8-stem`; plus the AI Edge quantizer's int8 file without our rewrite (what a user of the quantizer alone
 gets), all timed interleaved in one run; printed as ratios to the float file of the same runtime,
 with XNNPACK's partition count of each TFLite file.
 
@@ -67,18 +67,20 @@ def plain_int8_tflite(model, x: torch.Tensor, calib: torch.Tensor, path: Path) -
     from mnv3.deploy.export import fold_batchnorm
 
     export_tflite(fold_batchnorm(model), x, path)
-    quantize_tflite(path, calib.numpy(), decompose=False)
+    quantize_tflite(path, calib.numpy(), decompose=False, float_stem=False)
     return path
 
 
 def exports(model, name: str, folder: Path, calib: torch.Tensor, tolerance: float) -> dict[str, Path]:
     files = {}
     for fmt in ("onnx", "tflite"):
-        for int8 in (False, True):
-            path = folder / f"{name}{'-int8' if int8 else ''}.{fmt}"
+        for kind in ("float", "int8", "int8 (int8 stem)"):
+            int8 = kind != "float"
+            path = folder / f"{name}-{kind.split()[0]}{'-stem' if 'stem' in kind else ''}.{fmt}"
             quiet(export, model, path, fmt, int8=int8, calibration=str(CALIBRATION) if int8 else None,
-                  images=str(CALIBRATION), calibration_images=len(calib), tolerance=tolerance, force=True)
-            files[f"{fmt} {'int8' if int8 else 'float'}"] = path
+                  images=str(CALIBRATION), calibration_images=len(calib), tolerance=tolerance, force=True,
+                  int8_stem="stem" in kind)
+            files[f"{fmt} {kind}"] = path
     if any(b.activation == "hswish" for b in model.spec.blocks):
         x = calib[:1]
         files["tflite int8 (quantizer alone)"] = quiet(plain_int8_tflite, model, x, calib, folder / f"{name}-plain.tflite")
