@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from common import SHARED, cpu_flags, write_csv
+from int8 import lite_session
 
 import mnv3
 from mnv3.deploy import export
@@ -71,16 +72,6 @@ def prefixes(path: Path, folder: Path) -> list[tuple[str, Path]]:
         write_model(model, file)
         out.append((parts[c], file))
     return out
-
-
-def lite_session(path: Path):
-    from ai_edge_litert.interpreter import Interpreter
-
-    interp = Interpreter(model_path=str(path), num_threads=1)
-    interp.allocate_tensors()
-    d = interp.get_input_details()[0]
-    interp.set_tensor(d["index"], np.zeros(d["shape"], dtype=d["dtype"]))
-    return interp.invoke
 
 
 def litert_parts(files: dict[str, Path], folder: Path, rounds: int, iters: int) -> dict[str, dict[str, float]]:
