@@ -296,8 +296,8 @@ def export(model, path: str | Path, fmt: str | None = None, *, batch: int = 1, d
     x = verification_batch(model, images, max(trace_batch, 3 if dynamic else batch), images_flag)
     if int8:
         stem = "stem int8, int8 input" if int8_stem else "stem (first convolution and activation) float, float input"
-        scheme = (f"static QDQ, activations uint8 per tensor, weights int8 per channel; {stem}; hard-sigmoids "
-                  "as one table lookup (QLinearLeakyRelu)" if fmt == "onnx" else
+        scheme = (f"static QDQ, activations uint8 per tensor, weights int8 per channel; {stem}; hard-swish "
+                  "gates as one table lookup (QLinearLeakyRelu)" if fmt == "onnx" else
                   "static, AI Edge quantizer: activations int8 per tensor, weights int8 per channel, int8 output; "
                   f"{stem}; hard-swish as MUL, ADD, MUL (all delegated to XNNPACK)")
         info["int8"] = {"scheme": scheme, "calibration": str(calibration or "digits"),
@@ -350,12 +350,12 @@ def quantize_onnx(path: Path, calibration: torch.Tensor, float_stem: bool = True
     images, weights int8 with one scale per output channel (per-tensor weight scales lose most of
     MobileNet's accuracy: its depthwise filters differ in range by orders of magnitude). U8S8 is ONNX
     Runtime's fast path on x86 (S8S8 falls back to slow kernels on AVX2). Ops without an int8 kernel
-    are rewritten first (`integer_friendly`), the hard-sigmoids after (`lookup_gates`).
+    are rewritten first (`integer_friendly`), the hard-swish gates after (`lookup_gates`).
 
-    The stem (the first convolution and its hard-swish) stays float: with 3 input channels the int8
-    convolution kernels of ONNX Runtime and XNNPACK waste most of their width (both pad the channels
-    of each filter tap to their vector's group), and on MobileNetV3-Small at 224 the int8 stem took
-    2-3x the float one's time (`bench/int8_profile.py`); float pixels also keep their precision."""
+    The stem (the first convolution and its hard-swish) stays float: the int8 convolution kernels of
+    ONNX Runtime and XNNPACK handle its 3 input channels poorly (measured, not explained: on
+    MobileNetV3-Small at 224 the int8 stem took 2.1x (ONNX Runtime) and 2.4x (LiteRT) the float
+    one's time, `bench/int8_profile.py`); float pixels also keep their precision."""
     import tempfile
 
     import onnx
