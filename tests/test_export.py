@@ -172,6 +172,8 @@ def test_int8_onnx_export_and_op_report(classifier_file, tmp_path, capsys):
     assert json.loads(float_ops)["ops"]["integer"] == {}
     code, _, err = run(capsys, "export", classifier_file, "-o", tmp_path / "q.pt2", "--int8")
     assert code == 2 and "ONNX Runtime and LiteRT" in err
+    code, _, err = run(capsys, "export", classifier_file, "-o", tmp_path / "s.onnx", "--int8-stem")
+    assert code == 2 and "--int8-stem: only with --int8" in err and not (tmp_path / "s.onnx").exists()
     empty = tmp_path / "nothing"
     empty.mkdir()
     code, _, err = run(capsys, "export", classifier_file, "-o", tmp_path / "q.onnx", "--int8", "--calibration", empty)

@@ -62,6 +62,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise ExportError(f"{args.output} exists; pass --force to overwrite it")
     apply_threads(args.threads)
     model = load(args.model, arch=args.arch)
+    if args.int8_stem and not args.int8:
+        raise ExportError("--int8-stem: only with --int8 (it quantizes the stem of an int8 export)")
     if args.calibration_images < 1:
         raise ExportError(f"--calibration-images: expected at least 1, got {args.calibration_images}")
     report = export(model, args.output, args.format, batch=args.batch, dynamic=args.dynamic_batch,
