@@ -220,9 +220,24 @@ class Search:
             self.study.optimize(self.objective, n_trials=trials - len(self.finished()), callbacks=[after],
                                 gc_after_trial=False, show_progress_bar=False)
         bar.close()
-        if getattr(self.storage, "heartbeat_interval", None):
-            optuna.storages.fail_stale_trials(self.study)     # a dead worker's trial: failed and queued again
+        self._fail_stale_before_leaving()
         return ran
+
+    def _fail_stale_before_leaving(self) -> None:
+        """A worker that leaves while other trials are still RUNNING waits, at most one grace period,
+        for each to finish or to go stale: a dead worker's trial is then failed (and its genome queued
+        again) instead of staying RUNNING in a study nobody works on any more."""
+        interval = getattr(self.storage, "heartbeat_interval", None)
+        if not interval:
+            return
+        grace = getattr(self.storage, "grace_period", None) or 2 * interval
+        deadline = time.monotonic() + grace + interval
+        while True:
+            optuna.storages.fail_stale_trials(self.study)   # a dead worker's trial: failed and queued again
+            if not self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) \
+                    or time.monotonic() > deadline:
+                return
+            time.sleep(min(1.0, interval / 2))
 
     def _fail_orphans(self) -> None:
         """An SQLite study belongs to one process: trials left running by a killed run are failed
