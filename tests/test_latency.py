@@ -663,7 +663,7 @@ def test_measure_side_by_side_survives_a_load():
         return run
 
     first, big, small = fn("f", 0.002), fn("b", 0.003), fn("s", 0.001)
-    got = measure_side_by_side([first, big, small], runs=50, burst=3, clock=ft.clock)
+    got = measure_side_by_side([first, big, small], runs=50, burst=3, clock=ft.clock, burst_ms=0)
     (t0, r0), (t1, r1), (t2, r2) = got
     assert (r0, r1, r2) == (1.0, pytest.approx(1.5), pytest.approx(0.5))
     assert t1.runs == t2.runs == 51 and t0.runs == 102      # the first: one burst after every other's
@@ -674,3 +674,28 @@ def test_measure_side_by_side_survives_a_load():
         measure_side_by_side([first, big], runs=20, clock=ft.clock)
     with pytest.raises(LatencyError, match="two"):
         measure_side_by_side([first], clock=ft.clock)
+
+
+def test_side_by_side_bursts_outlast_a_networks_cold_calls():
+    """A network's first calls after another ran are slow (its weights left the caches): bursts of
+    3 calls report them; bursts of at least BURST_MS report the warm time, which a network timed
+    alone shows."""
+    from mnv3.latency import measure_side_by_side
+    from mnv3.latency.protocol import BURST_MS
+
+    ft, last, streak = FakeTime(), [None], [0]
+
+    def fn(name: str, cost: float):
+        def run():
+            streak[0] = streak[0] + 1 if last[0] == name else 0
+            last[0] = name
+            ft.work(cost * (3.0 if streak[0] < 2 else 1.0))   # the first two calls after a switch: 3x
+        return run
+
+    nets = [fn("a", 0.0005), fn("b", 0.0004), fn("c", 0.0006)]
+    short = measure_side_by_side(nets, runs=60, clock=ft.clock, burst_ms=0)
+    assert short[1][0].median_ms > 1.0          # 0.4 ms warm, reported 3x
+    long = measure_side_by_side(nets, runs=60, clock=ft.clock)
+    assert [round(t.median_ms, 3) for t, _ in long] == [0.5, 0.4, 0.6]
+    assert [r for _, r in long] == [1.0, pytest.approx(0.8), pytest.approx(1.2)]
+    assert long[1][0].runs >= 60 and long[1][0].runs >= 20 * int(BURST_MS / 0.4)

@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 from mnv3.arch import ArchSpec
 from mnv3.latency.lut import Part, _sessions, network_parts
-from mnv3.latency.protocol import MIN_RUNS, interleaved_ratios, measure, measure_relative
+from mnv3.latency.protocol import BURST_MS, MIN_RUNS, interleaved_ratios, measure, measure_relative
 from mnv3.latency.runtimes import LatencyError, Runtime, latency_model
 from mnv3.latency.table import LatencyTable
 
@@ -99,7 +99,8 @@ class AdaptLatency:
     def measure(self, spec: ArchSpec) -> float:
         """`spec` end to end, in table units: its median per-round ratio to the seed network (see
         `anchor`) times the seed's latency."""
-        ratios = interleaved_ratios([self._session(spec)], self.seed_fn, -(-2 * self.runs // 3), 3)[0]
+        ratios = interleaved_ratios([self._session(spec)], self.seed_fn, -(-2 * self.runs // 3), 3,
+                                    burst_ms=BURST_MS)[0]
         return statistics.median(ratios) * self.seed_ms
 
     def predictor(self, anchor: ArchSpec, anchor_ms: float) -> Callable[[list[ArchSpec]], list[float]]:

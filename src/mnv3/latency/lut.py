@@ -29,6 +29,7 @@ from torch import nn
 
 from mnv3.arch import ArchSpec
 from mnv3.latency.protocol import (
+    BURST_MS,
     MIN_RUNS,
     DriftGuard,
     Timing,
@@ -328,7 +329,8 @@ def _measure_networks(specs: list[ArchSpec], runtime: Runtime, threads: int, bat
         fns = sessions + ([part_session] if part_session else [])
         with tqdm(total=rounds, desc=f"{desc}: time {len(group)} networks", unit="round",
                   disable=not progress, file=sys.stderr) as bar:
-            got = interleaved_ratios(fns, reference, rounds, 3, on_round=lambda r: bar.update())
+            got = interleaved_ratios(fns, reference, rounds, 3, on_round=lambda r: bar.update(),
+                                     burst_ms=BURST_MS)
         ratios += got[:len(group)]
         part_ratios += got[len(group):][0] if part_session else []
         del sessions, fns

@@ -5,6 +5,7 @@ a reference re-measured during long jobs so that measurements taken while the ma
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -14,6 +15,12 @@ from mnv3.latency.runtimes import LatencyError
 
 MIN_RUNS = 50
 DRIFT_TOLERANCE = 0.03
+# Whole networks compared round-robin: each burst lasts at least this long. A network's first calls
+# after other networks ran find its weights out of the caches; in bursts of 3 calls of a 0.6 ms
+# network those calls set the median (measured on a 2-core Xeon, ONNX Runtime, four CIFAR-size
+# MobileNetV3-Smalls side by side: +19% to +35% against each timed alone; bursts of 10 ms: within 2%).
+BURST_MS = 10.0
+MAX_BURST = 200
 
 
 @dataclass(frozen=True)
@@ -73,14 +80,17 @@ class Interleaved:
 
 def interleave(fns: Sequence[Callable[[], object]], reference: Callable[[], object], rounds: int,
                burst: int = 3, clock: Callable[[], float] = time.perf_counter, minimum: int = MIN_RUNS,
-               on_round: Callable[[int], None] | None = None, warmup: int = 3) -> Interleaved:
+               on_round: Callable[[int], None] | None = None, warmup: int = 3,
+               burst_ms: float = 0.0) -> Interleaved:
     """Time each function in alternation with `reference`. Every round times each function in turn,
     a burst of `burst` calls followed by a burst of the reference, and records the ratio of the two
     bursts' medians: the samples of every function are spread over the whole call, a machine whose
     speed drifts slows both sides of each pair alike, and a slow minute weighs on all functions
     equally instead of on the one measured during it. `minimum` is the number of timed runs each
     function must get; `warmup` untimed calls of each function (each followed by one of the
-    reference) come first."""
+    reference) come first. With `burst_ms`, a function's bursts (and the reference's) are as many
+    calls as last that long, at least `burst` and at most `MAX_BURST`, from the warm-up calls' times:
+    a burst of a short function then outlasts its first cold calls (`BURST_MS`)."""
     if rounds * burst < minimum:
         raise LatencyError(f"rounds x burst: the protocol times at least {minimum} runs, got {rounds * burst}")
 
@@ -94,13 +104,22 @@ def interleave(fns: Sequence[Callable[[], object]], reference: Callable[[], obje
         for _ in range(max(0, warmup)):
             fn()
             reference()
+
+    def length(f: Callable[[], object]) -> int:
+        """Calls in a burst of `f`: its warm time from the last of three calls in a row."""
+        if burst_ms <= 0:
+            return burst
+        warm = [timed(f, []) for _ in range(3)][-1]
+        return max(burst, min(MAX_BURST, math.ceil(burst_ms / max(warm, 1e-6))))
+
+    bursts, ref_burst = [length(fn) for fn in fns], length(reference)
     ratios: list[list[float]] = [[] for _ in fns]
     samples: list[list[float]] = [[] for _ in fns]
     ref_samples: list[float] = []
     for r in range(rounds):
-        for fn, out, mine in zip(fns, ratios, samples):
-            a = statistics.median(timed(fn, mine) for _ in range(burst))
-            b = statistics.median(timed(reference, ref_samples) for _ in range(burst))
+        for fn, out, mine, n in zip(fns, ratios, samples, bursts):
+            a = statistics.median(timed(fn, mine) for _ in range(n))
+            b = statistics.median(timed(reference, ref_samples) for _ in range(ref_burst))
             out.append(a / b)
         if on_round:
             on_round(r)
@@ -109,26 +128,28 @@ def interleave(fns: Sequence[Callable[[], object]], reference: Callable[[], obje
 
 def interleaved_ratios(fns: Sequence[Callable[[], object]], reference: Callable[[], object], rounds: int,
                        burst: int = 3, clock: Callable[[], float] = time.perf_counter,
-                       minimum: int = MIN_RUNS, on_round: Callable[[int], None] | None = None
-                       ) -> list[list[float]]:
+                       minimum: int = MIN_RUNS, on_round: Callable[[int], None] | None = None,
+                       burst_ms: float = 0.0) -> list[list[float]]:
     """Per-round ratios of each function's time to `reference`'s, timed as `interleave` does."""
-    return interleave(fns, reference, rounds, burst, clock, minimum, on_round).ratios
+    return interleave(fns, reference, rounds, burst, clock, minimum, on_round, burst_ms=burst_ms).ratios
 
 
 def measure_side_by_side(fns: Sequence[Callable[[], object]], runs: int = MIN_RUNS, burst: int = 3,
                          warmup: int = 10, clock: Callable[[], float] = time.perf_counter,
-                         on_round: Callable[[int], None] | None = None) -> list[tuple[Timing, float]]:
+                         on_round: Callable[[int], None] | None = None,
+                         burst_ms: float = BURST_MS) -> list[tuple[Timing, float]]:
     """Several functions compared with the first, timed round-robin (`interleave`, the first as the
     reference): every round, a burst of each other function followed by a burst of the first. Each
     gets its Timing from its own calls (at least `runs`; the first from all of its calls, one burst
     after every other function's) and its ratio to the first: the median of the per-round ratios,
     which holds while another job loads the machine, where a ratio of medians taken one function
-    after the other carries whatever load each one happened to meet. The first's ratio is 1.0."""
+    after the other carries whatever load each one happened to meet. The first's ratio is 1.0.
+    Bursts last at least `burst_ms` (`interleave`): `runs` is the least number of timed calls."""
     if len(fns) < 2:
         raise LatencyError("side by side: need at least two functions to compare")
     if isinstance(runs, bool) or not isinstance(runs, int) or runs < MIN_RUNS:
         raise LatencyError(f"runs: the protocol times at least {MIN_RUNS} runs, got {runs!r}")
-    got = interleave(fns[1:], fns[0], -(-runs // burst), burst, clock, runs, on_round, warmup)
+    got = interleave(fns[1:], fns[0], -(-runs // burst), burst, clock, runs, on_round, warmup, burst_ms)
     return [(summarize(got.reference_ms), 1.0)] + [
         (summarize(samples), statistics.median(ratios)) for samples, ratios in zip(got.samples_ms, got.ratios)]
 
