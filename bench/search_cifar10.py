@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import io
 import itertools
 import json
@@ -116,13 +117,17 @@ def final_data(subset: int):
 
 
 def measure_all(specs: dict[str, mnv3.ArchSpec]) -> dict[str, float]:
-    """Every network timed side by side, round-robin, in one run (ms, 1 thread)."""
+    """Every network timed side by side, round-robin, in one run (ms, 1 thread), as the trained
+    CIFAR-10 classifiers they are (10 classes: a bare spec's session carries a 1000-class
+    classifier, about a quarter of these networks' time), in bursts of at least 10 ms each
+    (`protocol.BURST_MS`: bursts of 3 calls timed the networks' cold first calls, +19% to +35%)."""
     from mnv3.latency import get_runtime
     from mnv3.latency.protocol import measure_side_by_side
+    from mnv3.latency.runtimes import latency_model
 
     runtime = get_runtime(RUNTIME)
     names = list(specs)
-    sessions = [runtime.session(specs[n], threads=1) for n in names]
+    sessions = [runtime.session(latency_model(specs[n], num_classes=10), threads=1) for n in names]
     timed = measure_side_by_side(sessions, runs=150)
     return {n: t.median_ms for n, (t, _) in zip(names, timed)}
 
@@ -201,7 +206,11 @@ def main() -> None:
     log(f"search: {summary['trials']} trials, best {summary['best']} (proxy accuracy {summary['accuracy']:.4f}, "
         f"{summary['predicted_ms']:.3f} ms predicted, T = {summary['target_ms']:.3f} ms)")
     nets = {"found": found, **{f"small x{w}": family(w) for w in (0.5, 0.75, 1.0)}}
-    results = {name: [train_final(spec, name.replace(" ", "_"), seed, args) for seed in range(args.seeds)]
+    # The found network's trainings are kept under its own name (the spec's digest): a later search
+    # that finds another network must not reuse them.
+    digest = hashlib.sha256(json.dumps(found.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
+    labels = {"found": f"found-{digest}", **{n: n.replace(" ", "_") for n in nets if n != "found"}}
+    results = {name: [train_final(spec, labels[name], seed, args) for seed in range(args.seeds)]
                for name, spec in nets.items()}
     log("measuring every network side by side")
     ms = measure_all(nets)
