@@ -5,6 +5,7 @@ input is one clear error that leaves existing files alone."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -178,6 +179,24 @@ def test_int8_onnx_export_and_op_report(classifier_file, tmp_path, capsys):
     empty.mkdir()
     code, _, err = run(capsys, "export", classifier_file, "-o", tmp_path / "q.onnx", "--int8", "--calibration", empty)
     assert code == 2 and "--calibration" in err and "no images" in err and not (tmp_path / "q.onnx").exists()
+
+
+def test_float_stem_scope_is_the_stem_only():
+    """Tensor names as litert-torch writes them (MobileNetV3-Large-minimalistic at 64x64): the stem's
+    ops match, block 0's convolutions (whose fused names list the stem's batch norm later) do not."""
+    from mnv3.deploy.tflite_int8 import STEM_SCOPE
+
+    net, blocks = "mnv3.nn.mobilenet.MobileNet", "torch.nn.modules.container.Sequential_blocks"
+    stem = f"{net}/mnv3.nn.layers.ConvBNAct_stem"
+    names = {
+        f"{stem}/torch.nn.modules.conv.Conv2d_conv;": True,
+        f"{stem}/torch.nn.modules.activation.ReLU_act;;{stem}/torch.nn.modules.batchnorm.BatchNorm2d_bn": True,
+        f"{net}/{blocks}/mnv3.nn.layers.InvertedResidual_0/mnv3.nn.layers.ConvBNAct_project/"
+        f"torch.nn.modules.batchnorm.BatchNorm2d_bn;;{stem}/torch.nn.modules.batchnorm.BatchNorm2d_bn": False,
+        f"{net}/{blocks}/mnv3.nn.layers.InvertedResidual_0/mnv3.nn.layers.ConvBNAct_dw/"
+        "torch.nn.modules.activation.ReLU_act": False,
+    }
+    assert {n: bool(re.search(STEM_SCOPE, n)) for n in names} == names
 
 
 @pytest.mark.parametrize("stem", ["float", "int8"])

@@ -164,8 +164,11 @@ def write_model(model, path: str | Path) -> None:
 
 
 # The stem's ops, by the module path litert-torch writes into tensor names: left float (see
-# export.quantize_onnx for why), unless float_stem=False.
-STEM_SCOPE = r"ConvBNAct_stem"
+# export.quantize_onnx for why), unless float_stem=False. A fused op's tensor name lists every
+# location folded into it, joined by ';': the op's own comes first. Block 0's project conv of
+# MobileNetV3-Large names the stem's batch norm later in its list, so the stem's scope must be in the
+# first location (matched anywhere, it kept Large's block 0 float too).
+STEM_SCOPE = r"^[^;]*ConvBNAct_stem/"
 
 
 def quantize_tflite(path: Path, calibration: np.ndarray, *, decompose: bool = True, float_stem: bool = True) -> dict:
