@@ -116,7 +116,9 @@ def timed(specs: dict[str, mnv3.ArchSpec], runtime: str, reference: mnv3.ArchSpe
     the reference's median (from the first pair) times its median per-round ratio to the reference.
     Pairs, because networks this small (about 0.5 ms at 32x32) time differently depending on what
     else is timed with them: Small x0.75 measured 1.46x the adapted network in one round-robin over
-    16 networks and 1.15x in one over 5; in pairs against the seed, 1.15x, repeating within 1%."""
+    16 networks and 1.15x in one over 5; in pairs against the seed, 1.15x, repeating within 1%.
+    (Those figures were taken with bursts of 3 runs, whose cold first runs set the median; the
+    protocol's bursts now last at least 10 ms, which removes most of that difference too.)"""
     from mnv3.latency import get_runtime
     from mnv3.latency.protocol import measure_side_by_side
     from mnv3.latency.runtimes import latency_model

@@ -106,6 +106,18 @@ def test_build_lookup_resume_and_predict(tmp_path, capsys):
     assert predictor.predict(spec) == pytest.approx(cal["a"] * total + cal.get("c", 0.0) * parts + cal["b"])
     assert predictor.predict(spec) > 0
 
+    # A calibration timed with the old protocol (bursts of 3 runs, no burst_ms stored): the predictor
+    # says so and names the command; that build calibrates anew and re-measures no entry.
+    capsys.readouterr()
+    old = {k: v for k, v in cal.items() if k != "burst_ms"}
+    table.set_calibration(first["env"], space.key(), old)
+    Predictor(space, runtime, table)
+    assert "bursts of 3 runs" in capsys.readouterr().err
+    redone = build_table(space, runtime, table, calibration_networks=3, progress=False, log=logs.append)
+    assert redone["measured"] == 0 and redone["calibration"]["burst_ms"] > 0
+    Predictor(space, runtime, table)
+    assert "bursts of 3" not in capsys.readouterr().err
+
     outside = mnv3.preset("mobilenet_v3_small", width=0.35, resolution=32).replace(
         blocks=(mnv3.BlockSpec(7, 64, 16, None, "hswish", 2),) + space.seed.blocks[1:])
     with pytest.raises(LatencyError, match="not in the table"):

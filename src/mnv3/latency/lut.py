@@ -264,7 +264,7 @@ def build_table(space: SearchSpace, runtime: Runtime, table: LatencyTable, *, th
             have.update(pooled)
     bar.close()
     calibration = table.calibration(env, space.key())
-    if calibration is None or measured:
+    if calibration is None or measured or calibration.get("burst_ms") != BURST_MS:    # or an older protocol's
         calibration = calibrate(space, runtime, table, threads=threads, batch=batch,
                                 n=calibration_networks, runs=runs, progress=progress)
     return {"env": env, "entries": len(parts), "measured": measured, "passes": passes, "calibration": calibration,
@@ -411,6 +411,7 @@ def calibrate(space: SearchSpace, runtime: Runtime, table: LatencyTable, *, thre
     measured, reference_ms = _measure_networks(specs, runtime, threads, batch, runs, progress, "calibrate", space,
                                                entries)
     data = {**fit_calibration(sums, counts, measured), "n": n, "seed": seed, "reference_ms": reference_ms,
+            "burst_ms": BURST_MS,    # the protocol it was timed with (before: bursts of 3 runs)
             "networks": [{"sum_ms": s, "parts": c, "measured_ms": m} for s, c, m in zip(sums, counts, measured)],
             "space": space.to_dict()}        # so that a request for another space can be told what differs
     table.set_calibration(env, space.key(), data)
@@ -521,6 +522,11 @@ class Predictor:
         # Every part is in the table but the build stopped before calibrating: the plain sum.
         self.calibration = calibration or {"a": 1.0, "b": 0.0}
         self.batch = batch
+        if calibration is not None and calibration.get("burst_ms") != BURST_MS:
+            env = runtime.environment(threads, batch, space.seed.resolution)
+            print(f"warning: this table's calibration was timed in bursts of 3 runs, which read sub-millisecond "
+                  f"networks up to a third slow; run `{MissingTable(table.url, env, space, []).build_command('SPACE')}` "
+                  "again to calibrate it anew (its entries are kept)", file=sys.stderr)
 
     def sum_of_parts(self, spec: ArchSpec) -> float:
         return _sum_of_parts(spec, self.entries, self.batch)

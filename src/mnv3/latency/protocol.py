@@ -89,8 +89,11 @@ def interleave(fns: Sequence[Callable[[], object]], reference: Callable[[], obje
     equally instead of on the one measured during it. `minimum` is the number of timed runs each
     function must get; `warmup` untimed calls of each function (each followed by one of the
     reference) come first. With `burst_ms`, a function's bursts (and the reference's) are as many
-    calls as last that long, at least `burst` and at most `MAX_BURST`, from the warm-up calls' times:
-    a burst of a short function then outlasts its first cold calls (`BURST_MS`)."""
+    calls as last that long, at least `burst` and at most `MAX_BURST`, from its warm time (the
+    fastest of three calls in a row after the warm-up): a burst of a short function then outlasts
+    its first cold calls (`BURST_MS`)."""
+    if not math.isfinite(burst_ms) or burst_ms < 0:
+        raise LatencyError(f"burst_ms: expected a finite number of milliseconds >= 0, got {burst_ms!r}")
     if rounds * burst < minimum:
         raise LatencyError(f"rounds x burst: the protocol times at least {minimum} runs, got {rounds * burst}")
 
@@ -106,10 +109,11 @@ def interleave(fns: Sequence[Callable[[], object]], reference: Callable[[], obje
             reference()
 
     def length(f: Callable[[], object]) -> int:
-        """Calls in a burst of `f`: its warm time from the last of three calls in a row."""
+        """Calls in a burst of `f`, from its warm time: the fastest of three calls in a row (the first
+        may be cold, and one call may meet another job)."""
         if burst_ms <= 0:
             return burst
-        warm = [timed(f, []) for _ in range(3)][-1]
+        warm = min(timed(f, []) for _ in range(3))
         return max(burst, min(MAX_BURST, math.ceil(burst_ms / max(warm, 1e-6))))
 
     bursts, ref_burst = [length(fn) for fn in fns], length(reference)

@@ -224,9 +224,10 @@ class Search:
         return ran
 
     def _fail_stale_before_leaving(self) -> None:
-        """A worker that leaves while other trials are still RUNNING waits, at most one grace period,
-        for each to finish or to go stale: a dead worker's trial is then failed (and its genome queued
-        again) instead of staying RUNNING in a study nobody works on any more."""
+        """A worker that leaves while other trials are still RUNNING waits, at most one grace period
+        and one heartbeat interval (past --minutes, if need be), for each to finish or to go stale: a
+        dead worker's trial is then failed (and its genome queued again) instead of staying RUNNING in
+        a study nobody works on any more. A live worker's long trial costs the leaving one that wait."""
         interval = getattr(self.storage, "heartbeat_interval", None)
         if not interval:
             return
