@@ -426,3 +426,45 @@ def test_two_workers_share_a_postgresql_study(space_file, tmp_path, pg_url):
     assert any(t.state in (TrialState.COMPLETE, TrialState.WAITING) for t in retries), \
         [(t.number, t.state) for t in retries]
     engine.dispose()
+
+
+def test_a_leaving_worker_fails_a_dead_workers_trial(tmp_path):
+    """The last worker to leave does not leave a dead worker's trial RUNNING: it waits (at most one
+    grace period and one heartbeat interval) until the trial's heartbeat is stale, fails it and
+    queues its network again; a trial with a fresh heartbeat is left alone."""
+    from mnv3.search.run import Search, open_storage
+
+    storage = open_storage(f"sqlite:///{tmp_path / 's.sqlite'}", heartbeat=1, grace=2)
+    study = optuna.create_study(storage=storage, study_name="s")
+    dead = study.ask()
+    dead.suggest_int("x", 0, 9)
+    storage.record_heartbeat(dead._trial_id)       # then its worker dies: no more heartbeats
+    leaving = Search.__new__(Search)                # only its storage and study are used here
+    leaving.storage, leaving.study = storage, study
+    start = time.monotonic()
+    leaving._fail_stale_before_leaving()
+    took = time.monotonic() - start
+    states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+    assert states[dead.number] == TrialState.FAIL and 1.5 < took < 4.5
+    assert list(states.values()).count(TrialState.WAITING) == 1        # its network, queued again
+    # a trial whose worker is alive (its heartbeat kept fresh) is not failed, and the wait is bounded
+    import threading
+
+    alive, stop = study.ask(), threading.Event()
+
+    def beat() -> None:
+        while not stop.is_set():
+            storage.record_heartbeat(alive._trial_id)
+            stop.wait(0.3)
+
+    beating = threading.Thread(target=beat)
+    beating.start()
+    try:
+        start = time.monotonic()
+        leaving._fail_stale_before_leaving()
+        took = time.monotonic() - start
+    finally:
+        stop.set()
+        beating.join()
+    assert 2.5 < took < 4.5
+    assert study.get_trials(deepcopy=False)[alive.number].state == TrialState.RUNNING
