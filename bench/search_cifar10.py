@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import io
 import itertools
 import json
@@ -34,6 +33,7 @@ import mnv3
 from mnv3.arch import with_total_stride
 from mnv3.cli import main as mnv3_main
 from mnv3.data.datasets import open_data
+from mnv3.search.genome import GenomeSpace
 from mnv3.train.recipe import load_recipe
 
 DATA = SHARED / "data" / "cifar10"
@@ -206,10 +206,9 @@ def main() -> None:
     log(f"search: {summary['trials']} trials, best {summary['best']} (proxy accuracy {summary['accuracy']:.4f}, "
         f"{summary['predicted_ms']:.3f} ms predicted, T = {summary['target_ms']:.3f} ms)")
     nets = {"found": found, **{f"small x{w}": family(w) for w in (0.5, 0.75, 1.0)}}
-    # The found network's trainings are kept under its own name (the spec's digest): a later search
-    # that finds another network must not reuse them.
-    digest = hashlib.sha256(json.dumps(found.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
-    labels = {"found": f"found-{digest}", **{n: n.replace(" ", "_") for n in nets if n != "found"}}
+    # The found network's trainings are kept under what it is (the search's key of a network): a
+    # later search that finds another network must not reuse them.
+    labels = {"found": f"found-{GenomeSpace.spec_key(found)}", **{n: n.replace(" ", "_") for n in nets if n != "found"}}
     results = {name: [train_final(spec, labels[name], seed, args) for seed in range(args.seeds)]
                for name, spec in nets.items()}
     log("measuring every network side by side")

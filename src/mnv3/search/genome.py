@@ -169,6 +169,7 @@ class GenomeSpace:
                 j += 1
         return tuple(g)
 
-    def spec_key(self, spec: ArchSpec) -> str:
+    @staticmethod
+    def spec_key(spec: ArchSpec) -> str:
         """A hash of what a network is (blocks and head), whatever its name."""
         return hashlib.sha256(spec.replace(name="x").to_json(indent=None).encode()).hexdigest()[:12]
