@@ -122,12 +122,12 @@ def float_input(model) -> int:
     changed = 0
     for sub in model.subgraphs:
         keep = []
+        readers = Counter(int(i) for op in sub.operators for i in set(op.inputs if op.inputs is not None else ()))
         for op in sub.operators:
             code = model.operatorCodes[op.opcodeIndex]
             src = op.inputs[0] if len(op.inputs) else -1
-            readers = sum(src in list(other.inputs) for other in sub.operators)
             if max(code.builtinCode, code.deprecatedBuiltinCode) == schema.BuiltinOperator.DEQUANTIZE \
-                    and src in list(sub.inputs) and readers == 1:
+                    and src in list(sub.inputs) and readers[int(src)] == 1:
                 new = op.outputs[0]
                 sub.inputs = [new if i == src else i for i in sub.inputs]
                 for sig in model.signatureDefs or []:
