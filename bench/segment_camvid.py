@@ -53,7 +53,8 @@ def run_head(head: str, args, size) -> dict:
         log(f"{head}: finished earlier, read back from {out}")
     else:
         recipe = load_recipe("segment").override({"epochs": str(args.epochs), "batch_size": str(args.batch),
-                                                  "lr": str(args.lr), "lr_batch": str(args.batch)})
+                                                  "lr": str(args.lr), "lr_batch": str(args.batch),
+                                                  "seg_class_weights": args.class_weights})
         resume = (out / "checkpoint.pt").is_file()
         log(f"{head}: training {args.epochs} epochs at {size[0]}x{size[1]}" + (" (resumed)" if resume else ""))
         t0 = time.time()
@@ -102,6 +103,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=0.005, help="learning rate at --batch")
     ap.add_argument("--size", default="360x480")
+    ap.add_argument("--class-weights", default="enet", choices=["none", "enet", "median"],
+                    help="loss weighting of rare classes (the recipe's seg_class_weights; ENet's by default)")
     ap.add_argument("--heads", nargs="+", default=["lraspp", "lraspp-torchvision"])
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--workers", type=int, default=0)

@@ -94,6 +94,25 @@ def test_rf2_halves_the_last_stage_as_deeplab_does():
     assert small.head.last_conv == 288
 
 
+def test_rf2_stage_inherits_the_largest_filters_of_the_imagenet_backbone():
+    """The halved last stage starts from the classifier's weights (the filters of largest L2 norm and
+    their matching inputs), not from random ones: the head is then the only new part."""
+    from mnv3.train.dense import transfer_backbone
+
+    source = build(resolve_arch("mobilenet_v3_small"), 1000)
+    randomize_batchnorm(source, 3)
+    model = build_segmenter(segment_backbone(source.spec, "lraspp", (64, 96)), lraspp("lraspp", 5, (64, 96)))
+    copied, fresh = transfer_backbone(model, source)
+    assert fresh == 0 and copied == len(model.backbone.state_dict())
+    ours, theirs = model.backbone.blocks[-1], source.blocks[-1]
+    w, v = ours.dw.conv.weight, theirs.dw.conv.weight
+    assert w.shape[0] == v.shape[0] // 2
+    norms = theirs.expand.conv.weight.flatten(1).pow(2).sum(1)
+    kept = torch.topk(norms, w.shape[0]).indices.sort().values
+    assert torch.equal(w, v[kept]) and torch.equal(ours.dw.bn.running_var, theirs.dw.bn.running_var[kept])
+    assert torch.equal(model.backbone.blocks[0].dw.conv.weight, source.blocks[0].dw.conv.weight)
+
+
 def test_output_stride_conventions():
     large = resolve_arch("mobilenet_v3_large")
     tf = with_output_stride(large, 16)
@@ -363,6 +382,30 @@ def test_miou_from_one_confusion_matrix_with_the_ignore_index():
     assert metrics["val_miou"] == pytest.approx(s["miou"])
     assert task.loss(logits, torch.full_like(target[None], 255)).isnan()      # all ignored: no signal
     assert task.loss(logits, target[None]) > 0
+
+
+def test_class_weights_from_the_training_masks(tmp_path):
+    from mnv3.data.masks import MaskSamples
+    from mnv3.train.recipe import RecipeError
+    from mnv3.train.segment import class_frequencies, class_weights
+
+    masks = []
+    for i, rows in enumerate(([[0, 0, 0, 1]], [[0, 2, 9, 9]])):        # 9: the ignore index
+        masks.append(tmp_path / f"{i}.png")
+        Image.fromarray(np.array(rows, np.uint8)).save(masks[-1])
+    freq = class_frequencies(MaskSamples(masks, masks), 4, 9)
+    assert freq.tolist() == pytest.approx([4 / 6, 1 / 6, 1 / 6, 0])       # class 3 never occurs
+    enet = class_weights(freq, "enet")
+    assert enet[:3].tolist() == pytest.approx([1 / np.log(1.02 + p) for p in (4 / 6, 1 / 6, 1 / 6)], rel=1e-5)
+    assert enet[3] == 0 and class_weights(freq, "none") is None
+    assert class_weights(freq, "median").tolist() == pytest.approx([0.25, 1, 1, 0])
+    task = SegmentationTask(4, 9, class_weights=enet)
+    logits, target = torch.randn(1, 4, 2, 3), torch.tensor([[[0, 1, 2], [0, 9, 0]]])
+    picked = torch.log_softmax(logits, 1)[0, target[0].clamp(max=3), torch.arange(2)[:, None], torch.arange(3)]
+    w = torch.where(target[0] == 9, 0.0, enet[target[0].clamp(max=3)])
+    assert task.loss(logits, target) == pytest.approx(float(-(picked * w).sum() / w.sum()), rel=1e-5)
+    with pytest.raises(RecipeError, match="seg_class_weights"):
+        load_recipe("segment").override({"seg_class_weights": "inverse"})
 
 
 def test_poly_schedule():

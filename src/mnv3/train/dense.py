@@ -26,14 +26,44 @@ def load_source(weights: str | None, arch, default_arch: str, recipe, progress: 
 
 
 def transfer_backbone(model, source) -> tuple[int, int]:
-    """Copy every backbone tensor of `source` (a classifier or a dense model) whose name and shape
-    fit `model.backbone`; returns (copied, not copied). Layers whose channels changed (the RF2 stage,
-    a reduced tail) keep their random initialisation."""
-    theirs = source.backbone.state_dict() if hasattr(source, "backbone") else source.state_dict()
+    """Copy `source`'s backbone (a classifier or a dense model) into `model.backbone`; returns (copied,
+    not copied). Where the backbone only has fewer channels than the source (the RF2 stage of the
+    paper's segmentation head, a detector's reduced tail), those layers inherit the source's weights
+    as NetAdapt prunes: the filters with the largest L2 norm and the matching input channels
+    (`mnv3.adapt.prune.pruned_model`), instead of starting random. Otherwise every tensor whose name
+    and shape fit is copied and the rest keep their random initialisation."""
+    theirs_model = source.backbone if hasattr(source, "backbone") else source
+    theirs = _inherited(model.backbone, theirs_model) or theirs_model.state_dict()
     ours = model.backbone.state_dict()
     fit = {k: v for k, v in theirs.items() if k in ours and ours[k].shape == v.shape}
     model.backbone.load_state_dict(fit, strict=False)
     return len(fit), len([k for k in ours if k not in fit])
+
+
+def _inherited(ours, theirs) -> dict | None:
+    """`theirs`'s state pruned to `ours`'s channel counts, or None when the two differ in more than
+    fewer channels (another structure, more channels somewhere) or have the same counts."""
+    import dataclasses
+
+    from mnv3.adapt.prune import PruneError, pruned_model, structure
+
+    a, b = getattr(ours, "spec", None), getattr(theirs, "spec", None)
+    if a is None or b is None or len(a.blocks) != len(b.blocks):
+        return None
+    # strides and dilations do not change the weights (a dilated block halved may gain a residual)
+    a = a.replace(blocks=tuple(dataclasses.replace(x, stride=y.stride, dilation=y.dilation)
+                               for x, y in zip(a.blocks, b.blocks)))
+    if structure(a) != structure(b):
+        return None
+    counts = [(x.expansion, x.out, x.se or 0, y.expansion, y.out, y.se or 0) for x, y in zip(a.blocks, b.blocks)]
+    ends = [(a.stem.out, b.stem.out), (a.head.last_conv, b.head.last_conv)]
+    if any(x[i] > x[i + 3] for x in counts for i in range(3)) or any(x > y for x, y in ends) \
+            or (all(x[:3] == x[3:] for x in counts) and all(x == y for x, y in ends)):
+        return None
+    try:
+        return pruned_model(theirs, a).state_dict()
+    except PruneError:
+        return None
 
 
 def backbone_note(model, source, weights: str, what: str) -> str:

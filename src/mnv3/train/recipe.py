@@ -70,6 +70,7 @@ class Recipe:
     hflip: bool = True
     seg_min_scale: float = 0.5       # segmentation: random rescale of the image and mask, as a factor
     seg_max_scale: float = 2.0       # of the training size, before the random crop
+    seg_class_weights: str = "none"  # segmentation: none, enet (1 / ln(1.02 + p)) or median (frequency balancing)
     box_loss: str = "smooth_l1"      # detection: smooth_l1 on the encoded offsets, or giou on decoded boxes
     det_augment: str = "ssd"         # detection: ssd (photometric, zoom out, IoU crop, flip) or ssdlite
     neg_pos_ratio: float = 3.0       # detection: hard negatives per matched anchor
@@ -109,6 +110,8 @@ class Recipe:
             raise RecipeError(f"recipe {self.name!r}: min_scale and crop_pct must be in (0, 1]")
         if not 0 < self.seg_min_scale <= self.seg_max_scale or self.poly_power <= 0:
             raise RecipeError(f"recipe {self.name!r}: need 0 < seg_min_scale <= seg_max_scale and poly_power > 0")
+        if self.seg_class_weights not in ("none", "enet", "median"):
+            raise bad("seg_class_weights", "expected none, enet or median")
         if self.box_loss not in ("smooth_l1", "giou"):
             raise bad("box_loss", "expected smooth_l1 or giou")
         if self.det_augment not in ("ssd", "ssdlite"):
@@ -221,6 +224,9 @@ HELP = {
                    "and flip, torchvision's SSDLite reference)",
     "seg_min_scale": "segmentation: smallest random rescale (x the training size) before the crop",
     "seg_max_scale": "segmentation: largest random rescale (x the training size) before the crop",
+    "seg_class_weights": "segmentation: weight each class's pixels in the loss by their frequency p in the "
+                         "training masks: none, enet (1 / ln(1.02 + p), ENet's) or median (median p / p, "
+                         "SegNet's); rare classes (poles, signs, people) then count",
     "supernet_rule": "supernet: sandwich (BigNAS: largest, smallest and random sub-networks each step, the "
                      "largest teaching the others) or progressive (Once-for-All: largest only, then elastic "
                      "kernel, depth, then expansion and width, channels sorted before that phase)",

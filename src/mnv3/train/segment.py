@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -35,12 +36,15 @@ def scores(matrix: torch.Tensor, class_names: tuple[str, ...] | None = None) -> 
 class SegmentationTask:
     name = "segment"
 
-    def __init__(self, num_classes: int, ignore_index: int = 255, class_names: tuple[str, ...] | None = None) -> None:
+    def __init__(self, num_classes: int, ignore_index: int = 255, class_names: tuple[str, ...] | None = None,
+                 class_weights: torch.Tensor | None = None) -> None:
         self.num_classes, self.ignore_index, self.class_names = num_classes, ignore_index, class_names
+        self.class_weights = class_weights
         self.eval_stat_count = num_classes * num_classes + 2
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(outputs.float(), targets, ignore_index=self.ignore_index)
+        w = None if self.class_weights is None else self.class_weights.to(outputs.device)
+        return F.cross_entropy(outputs.float(), targets, weight=w, ignore_index=self.ignore_index)
 
     def train_stats(self, outputs: torch.Tensor, targets: torch.Tensor) -> list[float]:
         keep = targets != self.ignore_index
@@ -62,6 +66,34 @@ class SegmentationTask:
         s = scores(matrix, self.class_names)
         per_class = {f"val_iou_{name}": v for name, v in s["per_class"].items()}
         return {"val_loss": loss / pixels, "val_miou": s["miou"], "val_pixel_acc": s["pixel_acc"], **per_class}
+
+
+def class_frequencies(samples, num_classes: int, ignore_index: int, progress: bool = False) -> torch.Tensor:
+    """Each class's share of the labelled pixels over all masks of a split (the ignore index and
+    values outside the classes are left out)."""
+    from tqdm import tqdm
+
+    counts = np.zeros(num_classes, np.int64)
+    for i in tqdm(range(len(samples)), desc="class frequencies", disable=not progress, leave=False):
+        m = samples.mask(i)
+        counts += np.bincount(m[(m != ignore_index) & (m < num_classes)].ravel(), minlength=num_classes)[:num_classes]
+    return torch.from_numpy(counts / max(counts.sum(), 1))
+
+
+def class_weights(freq: torch.Tensor, how: str) -> torch.Tensor | None:
+    """Loss weights from class frequencies: "enet" 1 / ln(1.02 + p) (ENet, Paszke et al. 2016: at most
+    about 50), "median" median(p) / p (SegNet's median frequency balancing); a class with no pixel
+    gets weight 0 (it cannot occur in the loss anyway); "none" is None."""
+    if how == "none":
+        return None
+    f = freq.double()
+    if how == "enet":
+        w = 1.0 / torch.log(1.02 + f)
+    elif how == "median":
+        w = f[f > 0].median() / f.clamp(min=1e-12)
+    else:
+        raise ValueError(f"unknown class weighting {how!r}")
+    return torch.where(f > 0, w, torch.zeros_like(w)).float()
 
 
 # -- the run -------------------------------------------------------------------------------------------
@@ -158,7 +190,14 @@ def train_segment(data, out, *, head: str = "lraspp", size: tuple[int, int] | No
                 SegEvalSet(data_set.val, pre, size))
         options = RunOptions(out, resume=resume, workers=workers, checkpoint_steps=checkpoint_steps,
                              progress=progress, tensorboard=tensorboard)
-        task = SegmentationTask(len(data_set.classes), data_set.ignore_index, tuple(data_set.classes))
+        weights_ = None
+        if recipe.seg_class_weights != "none":
+            freq = class_frequencies(data_set.train, len(data_set.classes), data_set.ignore_index, progress and d.main)
+            weights_ = class_weights(freq, recipe.seg_class_weights)
+            if d.main:
+                print(f"class weights ({recipe.seg_class_weights}): " + ", ".join(
+                    f"{n} {w:.2f}" for n, w in zip(data_set.classes, weights_.tolist())), file=sys.stderr)
+        task = SegmentationTask(len(data_set.classes), data_set.ignore_index, tuple(data_set.classes), weights_)
         trainer = Trainer(model, data_set, dataclasses.replace(recipe), options, task, d, pre,
                           segment_identity(model, data_set), save_model, sets=sets)
         return trainer.fit()
