@@ -478,6 +478,39 @@ def test_segment_train_resume_eval_predict_bench(camvid_tiny, tmp_path, capsys):
     assert timing["params"] == sum(p.numel() for p in model.parameters())
 
 
+def test_segment_under_torchrun_with_amp_ema_and_class_weights_matches_one_process(camvid_tiny, tmp_path, capsys):
+    """Two processes under torchrun (DDP, synchronised batch norm) with bf16 autocast, an EMA of the
+    weights and ENet class weights train the model one process trains; one process reports, and
+    `mnv3 eval` of its model file gives the run's mIoU."""
+    import os
+    import subprocess
+    import sys
+
+    from test_train import metrics
+
+    args = ["train", "--task", "segment", "--data", camvid_tiny, "--arch", "mobilenet_v3_small",
+            "--width", "0.35", "--resolution", "48x64", "--ignore-index", "11", "--epochs", "2",
+            "--batch-size", "4", "--lr", "0.05", "--lr-batch", "4", "--amp", "bf16", "--ema-decay", "0.5",
+            "--seg-class-weights", "enet", "--threads", "1", "--no-progress"]
+    code, _, err = run(capsys, *args, "--out", tmp_path / "single")
+    assert code == 0, err
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                           "-m", "mnv3", *map(str, args), "--out", str(tmp_path / "ddp"), "--json"],
+                          capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count('"miou"') == 1 and proc.stderr.count("class weights (enet)") == 1
+    single, ddp = metrics(tmp_path / "single"), metrics(tmp_path / "ddp")
+    assert len(single) == len(ddp) == 2
+    for a, b in zip(single, ddp):
+        for key in ("train_loss", "val_loss", "val_miou"):
+            assert float(a[key]) == pytest.approx(float(b[key]), rel=5e-2, abs=1e-3), key
+    doc = json.loads(proc.stdout)
+    code, out, err = run(capsys, "eval", "--weights", doc["model"], "--data", camvid_tiny, "--no-progress", "--json")
+    assert code == 0, err
+    assert json.loads(out)["miou"] == pytest.approx(doc["miou"], abs=1e-6)
+
+
 def test_segment_cli_bad_input_is_one_line(camvid_tiny, tmp_path, capsys):
     code, _, err = run(capsys, "train", "--task", "segment", "--data", camvid_tiny, "--out", tmp_path / "r",
                        "--no-progress")
