@@ -213,7 +213,7 @@ def _train_segment(args: argparse.Namespace, earlier: dict) -> int:
     head = args.head or earlier.get("head") or "lraspp"
     arch = _arch(args, earlier, "mobilenet_v3_large")
     weights = args.weights or earlier.get("weights")
-    data_set = open_masks(data, ignore)
+    data_set = open_masks(data, ignore, progress=not args.no_progress)
     recipe, out, main = _recipe_and_out(
         args, "segment", data_set, getattr(arch, "name", arch) or ("weights" if weights else "mobilenet_v3_large"),
         head)

@@ -88,8 +88,10 @@ class SegmentationData:
 
 
 # -- opening ---------------------------------------------------------------------------------------
-def open_masks(data: str | Path, ignore_index: int = 255, check: bool = True) -> SegmentationData:
-    """A segmentation data set in either layout (see the module doc), every mask checked."""
+def open_masks(data: str | Path, ignore_index: int = 255, check: bool = True,
+               progress: bool = True) -> SegmentationData:
+    """A segmentation data set in either layout (see the module doc), every mask checked (with a
+    progress bar for 200 masks or more, unless `progress` is off)."""
     root = Path(data)
     if not root.is_dir() and not (root.is_file() and root.suffix.lower() in (".yaml", ".yml")):
         raise DataError(f"--data {root}: no such folder; expected a mask-folder data set (classes.txt, "
@@ -107,7 +109,7 @@ def open_masks(data: str | Path, ignore_index: int = 255, check: bool = True) ->
         data_set = _mask_folders(root, ignore_index)
     if check:
         for split in (data_set.train, data_set.val):
-            check_masks(split, len(data_set.classes), ignore_index)
+            check_masks(split, len(data_set.classes), ignore_index, progress)
     data_set.ref = str(data)
     return data_set
 
@@ -232,12 +234,12 @@ def read_mask(path: Path) -> np.ndarray:
         raise DataError(f"{path}: cannot read mask ({type(exc).__name__}: {exc})") from None
 
 
-def check_masks(samples: MaskSamples, num_classes: int, ignore_index: int) -> None:
+def check_masks(samples: MaskSamples, num_classes: int, ignore_index: int, progress: bool = True) -> None:
     """Every mask readable, the size of its image, with values that are classes or the ignore index."""
     from tqdm import tqdm
 
     for image, mask_path in tqdm(list(zip(samples.images, samples.masks)), desc="checking masks", unit="mask",
-                                 file=sys.stderr, leave=False, disable=len(samples) < 200):
+                                 file=sys.stderr, leave=False, disable=not progress or len(samples) < 200):
         mask = read_mask(mask_path)
         if samples.lut is not None:
             unknown = sorted({int(v) for v in np.unique(mask) if samples.lut[v] == UNKNOWN})

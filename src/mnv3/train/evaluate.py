@@ -113,7 +113,7 @@ def evaluate_segmentation(model, data: str | Path, ignore_index: int | None = No
     meta = model_meta(model)
     if ignore_index is None:
         ignore_index = int((meta.training or {}).get("ignore_index", 255))
-    data_set = open_masks(data, ignore_index)
+    data_set = open_masks(data, ignore_index, progress=progress)
     n = model.num_classes
     if len(data_set.classes) != n:
         raise DataError(f"{data}: {len(data_set.classes)} classes in classes.txt but the model predicts {n}")

@@ -161,7 +161,7 @@ def train_segment(data, out, *, head: str = "lraspp", size: tuple[int, int] | No
 
     recipe = recipe or load_recipe("segment")
     out = check_run_folder(out, resume)
-    data_set = data if isinstance(data, SegmentationData) else open_masks(data, ignore_index)
+    data_set = data if isinstance(data, SegmentationData) else open_masks(data, ignore_index, progress=progress)
     if size is None:
         with Image.open(data_set.train.images[0]) as img:
             size = (img.height, img.width)           # the data's own size
