@@ -55,15 +55,19 @@ def _inherited(ours, theirs) -> dict | None:
                                for x, y in zip(a.blocks, b.blocks)))
     if structure(a) != structure(b):
         return None
-    counts = [(x.expansion, x.out, x.se or 0, y.expansion, y.out, y.se or 0) for x, y in zip(a.blocks, b.blocks)]
-    ends = [(a.stem.out, b.stem.out), (a.head.last_conv, b.head.last_conv)]
-    if any(x[i] > x[i + 3] for x in counts for i in range(3)) or any(x > y for x, y in ends) \
-            or (all(x[:3] == x[3:] for x in counts) and all(x == y for x, y in ends)):
+    mine, source = _channel_counts(a), _channel_counts(b)
+    if mine == source or any(x > y for x, y in zip(mine, source)):
         return None
     try:
         return pruned_model(theirs, a).state_dict()
     except PruneError:
         return None
+
+
+def _channel_counts(spec) -> tuple[int, ...]:
+    """Every channel count of a network, in order: stem, each block's expansion, output and SE, last conv."""
+    blocks = tuple(c for b in spec.blocks for c in (b.expansion, b.out, b.se or 0))
+    return (spec.stem.out, *blocks, spec.head.last_conv)
 
 
 def backbone_note(model, source, weights: str, what: str) -> str:

@@ -190,14 +190,14 @@ def train_segment(data, out, *, head: str = "lraspp", size: tuple[int, int] | No
                 SegEvalSet(data_set.val, pre, size))
         options = RunOptions(out, resume=resume, workers=workers, checkpoint_steps=checkpoint_steps,
                              progress=progress, tensorboard=tensorboard)
-        weights_ = None
+        loss_weights = None
         if recipe.seg_class_weights != "none":
             freq = class_frequencies(data_set.train, len(data_set.classes), data_set.ignore_index, progress and d.main)
-            weights_ = class_weights(freq, recipe.seg_class_weights)
+            loss_weights = class_weights(freq, recipe.seg_class_weights)
             if d.main:
                 print(f"class weights ({recipe.seg_class_weights}): " + ", ".join(
-                    f"{n} {w:.2f}" for n, w in zip(data_set.classes, weights_.tolist())), file=sys.stderr)
-        task = SegmentationTask(len(data_set.classes), data_set.ignore_index, tuple(data_set.classes), weights_)
+                    f"{n} {w:.2f}" for n, w in zip(data_set.classes, loss_weights.tolist())), file=sys.stderr)
+        task = SegmentationTask(len(data_set.classes), data_set.ignore_index, tuple(data_set.classes), loss_weights)
         trainer = Trainer(model, data_set, dataclasses.replace(recipe), options, task, d, pre,
                           segment_identity(model, data_set), save_model, sets=sets)
         return trainer.fit()
