@@ -61,11 +61,11 @@ def recipe_for(args):
 
 
 def run_ours(args, data, size) -> dict:
-    out = RUNS / args.augment / "mnv3"
+    out = RUNS / (args.augment + args.tag) / "mnv3"
     resume = (out / "checkpoint.pt").is_file()
     log(f"mnv3: training {args.epochs} epochs at {size[0]}x{size[1]}" + (" (resumed)" if resume else ""))
     result = train_detect(data, out, size=size, weights=str(WEIGHTS), recipe=recipe_for(args), resume=resume,
-                          progress=False, tensorboard=False)
+                          eval_every=args.eval_every, progress=False, tensorboard=False)
     with open(out / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     return {"model": "mnv3", "epochs": len(rows), "train_min": sum(float(r["epoch_s"]) for r in rows) / 60,
@@ -107,7 +107,7 @@ def torchvision_ssdlite(ours, num_classes: int, size):
 
 def run_torchvision(args, data, size) -> dict:
     """The same batches, augmentation and schedule through torchvision's SSD training forward."""
-    out = RUNS / args.augment / "torchvision"
+    out = RUNS / (args.augment + args.tag) / "torchvision"
     out.mkdir(parents=True, exist_ok=True)
     recipe = recipe_for(args)
     ours, pre, _ = prepare_detector(data, recipe, size, weights=str(WEIGHTS), progress=False)
@@ -143,7 +143,10 @@ def run_torchvision(args, data, size) -> dict:
             optimizer.step()
             total += float(loss.detach())
         state["seconds"] += time.perf_counter() - t0
-        score = evaluate_torchvision(model, data, pre, size)
+        if (epoch + 1) % args.eval_every == 0 or epoch == 0 or epoch + 1 == recipe.epochs:
+            score = evaluate_torchvision(model, data, pre, size)
+        else:
+            score = {"map": float("nan"), "map50": float("nan")}
         state["history"].append({"epoch": epoch + 1, "train_loss": total / steps, **score})
         state["epoch"] = epoch + 1
         log(f"torchvision: epoch {epoch + 1}/{recipe.epochs} loss {total / steps:.3f} mAP {score['map']:.4f} "
@@ -223,6 +226,10 @@ def main() -> None:
     ap.add_argument("--only", choices=("mnv3", "torchvision"), help="run one side only")
     ap.add_argument("--augment", choices=("ssd", "ssdlite"), default="ssdlite",
                     help="ssdlite (IoU crop, flip: the recipe's) or ssd (also photometric distortion, zoom out)")
+    ap.add_argument("--eval-every", type=int, default=1, metavar="N",
+                    help="score on val2017 after every N-th epoch only (and the first and last)")
+    ap.add_argument("--tag", default="", help="suffix of the run folders and the CSV (a second schedule "
+                                               "beside the first)")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     size = (args.size, args.size)
@@ -245,7 +252,7 @@ def main() -> None:
               f"= {ratio:.3f}")
         for r in rows:
             r["step_time_vs_ours"] = round(ratio, 3) if r["model"] == "torchvision" else 1.0
-        path = write_csv(f"detect_coco128_{args.augment}.csv",
+        path = write_csv(f"detect_coco128_{args.augment}{args.tag}.csv",
                          [{**r, "augment": args.augment, "lr": args.lr, "size": f"{size[0]}x{size[1]}",
                            "cpu": cpu_model(), "cpu_flags": cpu_flags()} for r in rows])
         log(f"written {path}")

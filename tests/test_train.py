@@ -360,6 +360,19 @@ def test_resume_with_more_epochs_extends_the_run(ants_bees, tmp_path, capsys):
     assert code == 2 and "fewer epochs than the run plans (3 < 5)" in err
 
 
+def test_eval_every_validates_the_first_every_nth_and_last_epoch(ants_bees, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "train", "--data", ants_bees, "--out", out, "--epochs", "4", "--eval-every", "3",
+                       "--recipe", "finetune", *TINY)
+    assert code == 0, err
+    rows = metrics(out)
+    assert [r["val_top1"] != "nan" for r in rows] == [True, False, True, True]
+    assert all(r["train_loss"] != "nan" for r in rows)
+    assert json.loads((out / "result.json").read_text())["top1"] == pytest.approx(float(rows[-1]["val_top1"]))
+    code, _, err = run(capsys, "train", "--data", ants_bees, "--out", tmp_path / "bad", "--eval-every", "0", *TINY)
+    assert code == 2 and "--eval-every 0: must be 1 or more" in err
+
+
 def test_resume_after_sigkill_ends_with_the_same_metrics(ants_bees, tmp_path, capsys):
     # one thread throughout: the default follows the machine's load, and thread counts round sums differently
     args = ["train", "--data", ants_bees, "--epochs", "3", "--recipe", "finetune", "--ema-decay", "0.5",

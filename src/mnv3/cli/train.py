@@ -62,6 +62,9 @@ def register(sub) -> None:
     add_threads(p)
     p.add_argument("--checkpoint-steps", type=int, default=500,
                    help="also checkpoint every N steps (default 500; 0: at epoch ends only)")
+    p.add_argument("--eval-every", type=int, default=1, metavar="N",
+                   help="validate after every N-th epoch only (and the first and last; default 1): for long "
+                        "runs on small data, where validation costs as much as training")
     p.add_argument("--strict", action="store_true",
                    help="stop at the first unreadable image instead of skipping and counting it")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -180,7 +183,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         args, "finetune" if weights else "cifar" if data_set.resolution else "paper", data_set,
         getattr(arch, "name", arch) or ("weights" if weights else "mobilenet_v3_small"))
     result = train(data_set, out, arch=arch, weights=weights, recipe=recipe, resume=args.resume,
-                   total_stride=total_stride, workers=args.workers, checkpoint_steps=args.checkpoint_steps,
+                   total_stride=total_stride, workers=args.workers, checkpoint_steps=args.checkpoint_steps, eval_every=args.eval_every,
                    strict=args.strict, progress=not args.no_progress, device=args.device)
     if main and result.model_path is not None:
         print(f"top-1 {result.metrics.get('val_top1', 0):.4f}, top-5 {result.metrics.get('val_top5', 0):.4f}; "
@@ -218,7 +221,7 @@ def _train_segment(args: argparse.Namespace, earlier: dict) -> int:
         args, "segment", data_set, getattr(arch, "name", arch) or ("weights" if weights else "mobilenet_v3_large"),
         head)
     result = train_segment(data_set, out, head=head, size=size, arch=arch, weights=weights, recipe=recipe,
-                           resume=args.resume, workers=args.workers, checkpoint_steps=args.checkpoint_steps,
+                           resume=args.resume, workers=args.workers, checkpoint_steps=args.checkpoint_steps, eval_every=args.eval_every,
                            progress=not args.no_progress, device=args.device)
     if main and result.model_path is not None:
         print(f"mIoU {result.metrics.get('val_miou', 0):.4f}, pixel accuracy "
@@ -254,7 +257,7 @@ def _train_detect(args: argparse.Namespace, earlier: dict) -> int:
         args, "detect", data_set, getattr(arch, "name", arch) or ("weights" if weights else "mobilenet_v3_large"),
         "ssdlite")
     result = train_detect(data_set, out, size=size, arch=arch, weights=weights, reduced=reduced, recipe=recipe,
-                          resume=args.resume, workers=args.workers, checkpoint_steps=args.checkpoint_steps,
+                          resume=args.resume, workers=args.workers, checkpoint_steps=args.checkpoint_steps, eval_every=args.eval_every,
                           progress=not args.no_progress, device=args.device, skip_bad=skip_bad)
     if main and result.model_path is not None:
         print(f"mAP@[.5:.95] {result.metrics.get('val_map', 0):.4f}, mAP@.5 {result.metrics.get('val_map50', 0):.4f}; "

@@ -147,7 +147,7 @@ def identity(model: MobileNet, data: ClassificationData) -> dict[str, Any]:
 
 def train(data: str | ClassificationData, out: str | Path, *, arch: str | ArchSpec | None = None,
           weights: str | None = None, recipe: Recipe | None = None, resume: bool = False,
-          total_stride: int | None = None, workers: int = 0, checkpoint_steps: int = 500,
+          total_stride: int | None = None, workers: int = 0, checkpoint_steps: int = 500, eval_every: int = 1,
           strict: bool = False, progress: bool = True, tensorboard: bool = True,
           device: str = "auto") -> TrainResult:
     """Train a classifier and write the run folder `out` (recipe, metrics, curves, checkpoint,
@@ -191,7 +191,7 @@ def train(data: str | ClassificationData, out: str | Path, *, arch: str | ArchSp
                 module = strip_qat(copy.deepcopy(module))
             save(module, path, meta)
 
-        options = RunOptions(out, resume=resume, workers=workers, checkpoint_steps=checkpoint_steps,
+        options = RunOptions(out, resume=resume, workers=workers, checkpoint_steps=checkpoint_steps, eval_every=eval_every,
                              strict=strict, progress=progress, tensorboard=tensorboard)
         trainer = Trainer(model, data_set, recipe, options, ClassificationTask(recipe.label_smoothing),
                           d, pre, identity(model, data_set), save_model)

@@ -246,7 +246,7 @@ def detect_identity(model, data) -> dict:
 
 def train_detect(data, out, *, size: tuple[int, int] = (320, 320), arch=None, weights: str | None = None,
                  reduced: bool = False, recipe=None, resume: bool = False, workers: int = 0,
-                 checkpoint_steps: int = 500, progress: bool = True, tensorboard: bool = True,
+                 checkpoint_steps: int = 500, eval_every: int = 1, progress: bool = True, tensorboard: bool = True,
                  device: str = "auto", skip_bad: bool = False):
     """Train an SSDLite detector on a COCO-JSON or YOLO data set (see `mnv3.data.boxes`) and write the
     run folder `out` as the other tasks do (recipe, metrics, curves, checkpoint, model)."""
@@ -285,7 +285,7 @@ def train_detect(data, out, *, size: tuple[int, int] = (320, 320), arch=None, we
 
         sets = (DetTrainSet(data_set.train, pre, size, recipe.seed, recipe.hflip, recipe.det_augment),
                 DetEvalSet(data_set.val, pre, size))
-        options = RunOptions(out, resume=resume, workers=workers, checkpoint_steps=checkpoint_steps,
+        options = RunOptions(out, resume=resume, workers=workers, checkpoint_steps=checkpoint_steps, eval_every=eval_every,
                              progress=progress, tensorboard=tensorboard)
         task = DetectionTask(model.anchors(size), size, tuple(data_set.classes), recipe.neg_pos_ratio, recipe.box_loss)
         trainer = Trainer(model, data_set, dataclasses.replace(recipe), options, task, d, pre,

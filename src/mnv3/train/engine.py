@@ -79,6 +79,7 @@ class RunOptions:
     progress: bool = True
     tensorboard: bool = True
     model_file: str = "model.safetensors"   # the name `save_model` writes in the run folder
+    eval_every: int = 1              # validate after every N-th epoch (and the first and last); others: NaN
 
 
 @dataclass
@@ -139,6 +140,8 @@ class Trainer:
         self.ckpt_path = self.out / "checkpoint.pt"
         self.world_batch = recipe.batch_size
         self.steps_per_epoch = len(data.train) // recipe.batch_size
+        if options.eval_every < 1:
+            raise TrainError(f"--eval-every {options.eval_every}: must be 1 or more (1 validates after every epoch)")
         if self.steps_per_epoch < 1:
             raise TrainError(f"batch size {recipe.batch_size} is larger than the {len(data.train)} "
                              "training images; lower --batch-size")
@@ -423,7 +426,12 @@ class Trainer:
         total = self._global_running(running)
         skipped, n = total["skipped"], max(total["n"], 1)
         train = self.task.metrics([*(total["stats"] or [0.0]), total["n"]], "train")
-        val = self.evaluate(self.ema.module if self.ema else self.model)
+        every, last = max(1, self.opts.eval_every), epoch + 1 == self.recipe.epochs
+        earlier = [h for h in self.state["history"] if any(k.startswith("val_") for k in h)]
+        if every == 1 or last or (epoch + 1) % every == 0 or not earlier:
+            val = self.evaluate(self.ema.module if self.ema else self.model)
+        else:      # not validated this epoch: the same columns, empty (metrics.csv keeps one header)
+            val = {k: math.nan for k in earlier[-1] if k.startswith("val_")}
         seconds = running["seconds"]
         row = {"epoch": epoch + 1, "epochs": self.recipe.epochs, "step": self.state["step"],
                "lr": self.optimizer.param_groups[0]["lr"], "train_loss": total["loss"] / n, **train, **val,

@@ -142,7 +142,7 @@ def segment_identity(model, data) -> dict:
 
 def train_segment(data, out, *, head: str = "lraspp", size: tuple[int, int] | None = None, arch=None,
                   weights: str | None = None, recipe=None, resume: bool = False, ignore_index: int = 255,
-                  workers: int = 0, checkpoint_steps: int = 500, progress: bool = True,
+                  workers: int = 0, checkpoint_steps: int = 500, eval_every: int = 1, progress: bool = True,
                   tensorboard: bool = True, device: str = "auto"):
     """Train an LR-ASPP segmentation model on a mask data set (see `mnv3.data.masks`) and write the
     run folder `out` as classification training does (recipe, metrics, curves, checkpoint, model)."""
@@ -188,7 +188,7 @@ def train_segment(data, out, *, head: str = "lraspp", size: tuple[int, int] | No
         sets = (SegTrainSet(data_set.train, pre, size, data_set.ignore_index,
                             (recipe.seg_min_scale, recipe.seg_max_scale), recipe.hflip, recipe.seed),
                 SegEvalSet(data_set.val, pre, size))
-        options = RunOptions(out, resume=resume, workers=workers, checkpoint_steps=checkpoint_steps,
+        options = RunOptions(out, resume=resume, workers=workers, checkpoint_steps=checkpoint_steps, eval_every=eval_every,
                              progress=progress, tensorboard=tensorboard)
         loss_weights = None
         if recipe.seg_class_weights != "none":
