@@ -69,6 +69,7 @@ def run_search(args) -> dict:
     out = OUT / "search"
     cmd = ["search", "--space", str(space_file()), "--data", str(DATA), "--runtime", RUNTIME,
            "--build-table", "--db", f"sqlite:///{OUT / 'lut.sqlite'}", "--target-of", "mobilenet_v3_small",
+           "--classes", "10",      # the networks are timed as the 10-class classifiers they become
            "--target-width", "0.75", "--proxy-subset", str(args.proxy_subset), "--proxy-epochs",
            str(args.proxy_epochs), "--proxy-held-out", str(args.held_out), "--strategy", "evolution",
            "--population", "12", "--out", str(out), "--no-progress", "--final-k", "3", "--references",
@@ -123,11 +124,9 @@ def measure_all(specs: dict[str, mnv3.ArchSpec]) -> dict[str, float]:
     (`protocol.BURST_MS`: bursts of 3 calls timed the networks' cold first calls, +19% to +35%)."""
     from mnv3.latency import get_runtime
     from mnv3.latency.protocol import measure_side_by_side
-    from mnv3.latency.runtimes import latency_model
-
     runtime = get_runtime(RUNTIME)
     names = list(specs)
-    sessions = [runtime.session(latency_model(specs[n], num_classes=10), threads=1) for n in names]
+    sessions = [runtime.session(specs[n], threads=1, num_classes=10) for n in names]
     timed = measure_side_by_side(sessions, runs=150)
     return {n: t.median_ms for n, (t, _) in zip(names, timed)}
 
@@ -148,7 +147,7 @@ def strategies(args) -> list[dict]:
         out = OUT / f"strategy-{strategy}-{args.strategy_subset}x{args.strategy_epochs}"
         cmd = ["search", "--space", str(space_file()), "--data", str(DATA), "--runtime", RUNTIME,
                "--db", f"sqlite:///{OUT / 'lut.sqlite'}", "--target-of", "mobilenet_v3_small", "--target-width",
-               "0.75", "--proxy-subset", str(args.strategy_subset), "--proxy-epochs", str(args.strategy_epochs),
+               "0.75", "--classes", "10", "--proxy-subset", str(args.strategy_subset), "--proxy-epochs", str(args.strategy_epochs),
                "--proxy-held-out", "1000",
                "--strategy", strategy, "--trials", str(args.strategy_trials), "--out", str(out), "--no-progress",
                "--final-k", "1", "--references", "--json", "--threads", str(args.threads)]

@@ -473,6 +473,10 @@ def test_litert_session_runs():
     assert time.perf_counter() - start < 1.0
     other = tiny().replace(resolution=RES * 2)
     assert LiteRtRuntime.converted(other) != path
+    ten = LiteRtRuntime.converted(tiny(), num_classes=10)      # the classifier a search space deploys
+    from ai_edge_litert.interpreter import Interpreter
+
+    assert ten != path and list(Interpreter(model_path=str(ten)).get_output_details()[0]["shape"]) == [1, 10]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -343,6 +343,43 @@ def test_missing_table_lists_the_tables_the_database_holds(tmp_path):
     assert caught.value.describe("space.json").endswith("--space space.json --resolution 32 --db " + table.url)
 
 
+def test_a_space_for_another_class_count_times_its_own_heads(tmp_path):
+    """The classifier the networks end in is part of the space: 1000 (ImageNet's, left out of the JSON
+    so earlier spaces keep their keys) or the deployed count. Its heads are other table entries, its
+    calibration another key, and a table for 1000 classes is not silently used for 10."""
+    import dataclasses
+
+    from mnv3.latency.lut import MissingTable
+    from mnv3.search.latency import MeasuredLatency
+
+    space = tiny_space()
+    ten = dataclasses.replace(space, num_classes=10)
+    assert "num_classes" not in space.to_dict() and ten.to_dict()["num_classes"] == 10
+    assert SearchSpace.from_dict(json.loads(json.dumps(ten.to_dict()))) == ten and ten.key() != space.key()
+    with pytest.raises(mnv3.SpecError, match="num_classes"):
+        dataclasses.replace(space, num_classes=0)
+    heads = {p.key for p in space_parts(space)} ^ {p.key for p in space_parts(ten)}
+    assert heads and all(k.startswith("head:") and k.endswith((":n1000", ":n10")) for k in heads)
+    spec = ten.sample(random.Random(1))
+    assert {p.key for p in network_parts(spec, num_classes=10)} <= {p.key for p in space_parts(ten)}
+
+    runtime = get_runtime("onnxruntime")
+    table = LatencyTable(f"sqlite:///{tmp_path / 'lut.sqlite'}")
+    env = runtime.environment(1, 1, 32).key()
+    table.put(env, [(p.key, Timing(0.1, 0.09, 0.11, 50)) for p in space_parts(space)])
+    table.set_calibration(env, space.key(), {"a": 1.0, "b": 0.0, "space": space.to_dict()})
+    with pytest.raises(MissingTable) as caught:
+        Predictor(ten, runtime, table)
+    assert "(--classes 1000, not 10" in str(caught.value) and "--classes 10 --db" in str(caught.value)
+    table.put(env, [(p.key, Timing(0.02, 0.018, 0.022, 50)) for p in space_parts(ten) if p.key.endswith(":n10")])
+    table.set_calibration(env, ten.key(), {"a": 1.0, "b": 0.0, "space": ten.to_dict()})
+    assert Predictor(space, runtime, table).predict(spec) - Predictor(ten, runtime, table).predict(spec) == \
+        pytest.approx(0.1 - 0.02)
+    # measured end to end, a candidate ends in the space's classifier too
+    out = MeasuredLatency(runtime, num_classes=10).session(spec)()
+    assert out[0].shape == (1, 10)
+
+
 # -- LiteRT entries written directly as TFLite graphs ---------------------------------------------
 
 def _ops(data: bytes, tmp_path: Path) -> list[str]:

@@ -254,6 +254,9 @@ def test_search_measure_end_to_end_then_train_the_winner(space_file, tmp_path, c
     captured = capsys.readouterr()
     assert code == 0, captured.err
     doc = json.loads(captured.out)
+    # the space's heads are ImageNet's, the data's are not: said, with the flag that changes it
+    assert "latencies include a 1000-class classifier (the space's) while digits has 10 classes; pass " \
+           "--classes 10" in captured.err
     assert doc["trials"] == 4 and doc["best"] == str(out / "best.json")
     assert 0 <= doc["accuracy"] <= 1 and doc["predicted_ms"] > 0 and doc["measured_ms"] > 0
     assert doc["reward"] == pytest.approx(Reward.make("soft", doc["target_ms"])(doc["accuracy"], doc["predicted_ms"]))
@@ -285,6 +288,7 @@ def test_search_measure_end_to_end_then_train_the_winner(space_file, tmp_path, c
     (["--latency", "predict", "--db", "sqlite:///{tmp}/empty.sqlite", "--target-ms", "100"], "mnv3 lut build"),
     (["--w", "0.5"], "negative exponent"),
     (["--trials", "0"], "at least 1"),
+    (["--classes", "0"], "--classes 0: a classifier needs 1 class or more"),
 ])
 def test_search_bad_input_is_one_line(extra, message, space_file, tmp_path, capsys):
     argv = ["search", "--space", str(space_file), "--latency", "measure", "--out", str(tmp_path / "run"),

@@ -153,7 +153,7 @@ def read_space_json(path: str | Path):
 
 def space_from_args(args: argparse.Namespace):
     """--space: a seed (preset, spec JSON or model file) with the default choices, or a whole
-    space JSON, at --resolution when given."""
+    space JSON, at --resolution and with a --classes classifier when given."""
     import dataclasses
 
     from mnv3.presets import resolve_arch
@@ -161,9 +161,14 @@ def space_from_args(args: argparse.Namespace):
 
     space = read_space_json(args.space)
     if space is None:
-        return SearchSpace(resolve_arch(args.space, None, args.resolution))
-    if args.resolution and args.resolution != space.seed.resolution:
+        space = SearchSpace(resolve_arch(args.space, None, args.resolution))
+    elif args.resolution and args.resolution != space.seed.resolution:
         space = dataclasses.replace(space, seed=space.seed.replace(resolution=args.resolution))
+    classes = getattr(args, "classes", None)
+    if classes is not None:
+        if classes < 1:
+            raise SpecError(f"--classes {classes}: a classifier needs 1 class or more")
+        space = dataclasses.replace(space, num_classes=classes)
     return space
 
 

@@ -24,6 +24,9 @@ def register(sub) -> None:
                        help="the search space: a seed (preset, spec JSON or model file) with the default choices, "
                             "or a space JSON (default mobilenet_v3_large)")
         q.add_argument("--resolution", type=int, default=None, help="input resolution (default: the seed's)")
+        q.add_argument("--num-classes", "--classes", dest="classes", type=int, default=None, metavar="N",
+                       help="classes of the classifier every network ends in, part of the head's latency "
+                            "(default: the space JSON's, or ImageNet's 1000)")
         add_json(q, "the results")
         q.set_defaults(func=func)
         if name == "space":
@@ -78,7 +81,7 @@ def cmd_lut_space(args: argparse.Namespace) -> int:
     entries = len(space_parts(space))
     seed = space.seed
     print(f"space {space.key()}: seed {seed.name} at {seed.resolution}x{seed.resolution}, "
-          f"{float(space.size()):.2e} networks, {entries} lookup-table entries")
+          f"{float(space.size()):.2e} networks, {entries} lookup-table entries, {space.num_classes}-class classifier")
     print(f"  per block: kernels {list(space.kernels)}, expansion ratios {list(space.expansion_ratios)}, "
           f"SE {['on' if v else 'off' for v in space.se]}, activations {list(space.activations)}")
     stages = [{"input": st.input_size, "stride": st.stride, "widths": space.stage_widths(st),
@@ -90,7 +93,7 @@ def cmd_lut_space(args: argparse.Namespace) -> int:
         space.save(args.save)
         print(f"written {args.save} (pass it as --space to mnv3 lut build / validate)")
     if args.json:
-        emit_json({"space": space.key(), "networks": space.size(), "entries": entries,
+        emit_json({"space": space.key(), "networks": space.size(), "entries": entries, "classes": space.num_classes,
                           "stages": stages, "file": str(args.save) if args.save else None})
     return 0
 

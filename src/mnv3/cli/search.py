@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -35,6 +36,11 @@ def register(sub) -> None:
                         "mobilenet_v3_small at the data's resolution)")
     g.add_argument("--data", default="digits",
                    help="proxy task: digits (offline, default), cifar10, or an image folder")
+    g.add_argument("--num-classes", "--classes", dest="classes", type=int, metavar="N",
+                   help="classes of the classifier the deployed network ends in, which latencies include "
+                        "(default: the space JSON's, 1000 unless it says otherwise; for the default space, "
+                        "the data's). A proxy for an ImageNet model keeps 1000; a model for this data "
+                        "set, its own count")
     g.add_argument("--proxy-epochs", type=int, default=3, metavar="N", help="epochs per candidate (default 3)")
     g.add_argument("--proxy-resolution", type=int, metavar="PX",
                    help="training resolution of the proxy (default: the data's, 32 for digits and CIFAR)")
@@ -179,9 +185,27 @@ def open_oracle(args: argparse.Namespace):
     default, family = resolve_space(argparse.Namespace(space=None), mine.seed.resolution, mine.seed.total_stride())
     if args.space is not None:
         mine, family = resolve_space(args, info.space.seed.resolution, info.space.seed.total_stride())
-    elif default.to_dict() != mine.to_dict():
+    elif dataclasses.replace(default, num_classes=mine.num_classes).to_dict() != mine.to_dict():
         family = None
     return SupernetOracle(where, mine), mine, family
+
+
+def with_classes(args: argparse.Namespace, oracle, space):
+    """The space with the classifier size its latencies include: --classes, else the space's own
+    (the default space: the data's class count); a note when it is not the data's."""
+    from mnv3.search.run import SearchError
+
+    data = getattr(oracle, "data", None)
+    have = len(data.classes) if data is not None else None
+    if args.classes is not None and args.classes < 1:
+        raise SearchError(f"--classes {args.classes}: a classifier needs 1 class or more")
+    wanted = args.classes or (have if args.space is None and args.oracle == "proxy" else None) or space.num_classes
+    space = dataclasses.replace(space, num_classes=wanted)
+    if have is not None and have != wanted:
+        name = args.data if args.oracle == "proxy" else data.name
+        print(f"note: latencies include a {wanted}-class classifier (the space's) while {name} has {have} "
+              f"classes; pass --classes {have} if the network will be deployed for this data set", file=sys.stderr)
+    return space
 
 
 def _in_space(genomes, spec) -> bool:
@@ -222,6 +246,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     Reward.make(args.reward, args.target_ms or 1.0, args.w)
     check_strategy(args.strategy, args.reward == "pareto")
     oracle, space, family = open_oracle(args)
+    space = with_classes(args, oracle, space)
     genomes = GenomeSpace(space)
     out.mkdir(parents=True, exist_ok=True)
     space_file = space.save(out / "space.json")

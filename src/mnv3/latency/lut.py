@@ -117,7 +117,7 @@ def space_parts(space: SearchSpace, batch: int = 1) -> list[Part]:
     for width in space.last_widths():      # one head per width of the last stage
         last = dataclasses.replace(seed.blocks[-1], out=width)
         probe = seed.replace(blocks=seed.blocks[:-1] + (last,), head=space.head_for(width))
-        head = network_parts(probe, batch)[-1]
+        head = network_parts(probe, batch, space.num_classes)[-1]
         parts.setdefault(head.key, head)
     return list(parts.values())
 
@@ -271,8 +271,8 @@ def build_table(space: SearchSpace, runtime: Runtime, table: LatencyTable, *, th
             "drifts": guard.drifts if guard else 0}
 
 
-def _sum_of_parts(spec: ArchSpec, entries: dict[str, Timing], batch: int) -> float:
-    keys = [p.key for p in network_parts(spec, batch)]
+def _sum_of_parts(spec: ArchSpec, entries: dict[str, Timing], batch: int, num_classes: int = NUM_CLASSES) -> float:
+    keys = [p.key for p in network_parts(spec, batch, num_classes)]
     missing = [k for k in keys if k not in entries]
     if missing:
         raise LatencyError(f"{len(missing)} part(s) of {spec.name} are not in the table, e.g. {missing[0]}; "
@@ -323,7 +323,7 @@ def _measure_networks(specs: list[ArchSpec], runtime: Runtime, threads: int, bat
     part_ratios: list[float] = []
     for start in range(0, len(specs), NETWORK_GROUP):
         group = specs[start:start + NETWORK_GROUP]
-        sessions = [runtime.session(spec, threads=threads, batch=batch)
+        sessions = [runtime.session(spec, threads=threads, batch=batch, num_classes=space.num_classes)
                     for spec in tqdm(group, desc=f"{desc}: open", unit="net", disable=not progress,
                                      file=sys.stderr)]
         fns = sessions + ([part_session] if part_session else [])
@@ -406,7 +406,7 @@ def calibrate(space: SearchSpace, runtime: Runtime, table: LatencyTable, *, thre
     entries = table.get(env)
     rng = random.Random(seed)
     specs = [space.sample(rng) for _ in range(n)]
-    sums = [_sum_of_parts(s, entries, batch) for s in specs]
+    sums = [_sum_of_parts(s, entries, batch, space.num_classes) for s in specs]
     counts = [len(s.blocks) + 2 for s in specs]
     measured, reference_ms = _measure_networks(specs, runtime, threads, batch, runs, progress, "calibrate", space,
                                                entries)
@@ -418,7 +418,7 @@ def calibrate(space: SearchSpace, runtime: Runtime, table: LatencyTable, *, thre
     return data
 
 
-_CHOICES = tuple(f.name for f in dataclasses.fields(SearchSpace) if f.name != "seed")
+_CHOICES = tuple(f.name for f in dataclasses.fields(SearchSpace) if f.name not in ("seed", "num_classes"))
 
 
 def _space_differences(theirs: SearchSpace, ours: SearchSpace) -> list[str]:
@@ -437,6 +437,8 @@ def _space_differences(theirs: SearchSpace, ours: SearchSpace) -> list[str]:
                      else f"another seed network called {theirs.seed.name}")
     diffs += [f"--{c.replace('_', '-')} {values(c, theirs)}, not {values(c, ours)}" for c in _CHOICES
               if getattr(theirs, c) != getattr(ours, c)]
+    if theirs.num_classes != ours.num_classes:
+        diffs.append(f"--classes {theirs.num_classes}, not {ours.num_classes}")
     return diffs
 
 
@@ -453,6 +455,7 @@ class MissingTable(LatencyError):
         w = self.wanted
         return (f"mnv3 lut build --runtime {w.runtime} --space {space_arg} --resolution {w.resolution}"
                 + (f" --threads {w.threads}" if w.threads != 1 else "")
+                + (f" --classes {self.space.num_classes}" if self.space.num_classes != 1000 else "")
                 + (f" --db {self.url}" if self.url != DEFAULT_URL else ""))
 
     def describe(self, space_arg: str = "SPACE") -> str:
@@ -521,7 +524,7 @@ class Predictor:
                                table.tables())
         # Every part is in the table but the build stopped before calibrating: the plain sum.
         self.calibration = calibration or {"a": 1.0, "b": 0.0}
-        self.batch = batch
+        self.batch, self.num_classes = batch, space.num_classes
         if calibration is not None and calibration.get("burst_ms") != BURST_MS:
             env = runtime.environment(threads, batch, space.seed.resolution)
             print(f"warning: this table's calibration was timed in bursts of 3 runs, which read sub-millisecond "
@@ -529,7 +532,7 @@ class Predictor:
                   "again to calibrate it anew (its entries are kept)", file=sys.stderr)
 
     def sum_of_parts(self, spec: ArchSpec) -> float:
-        return _sum_of_parts(spec, self.entries, self.batch)
+        return _sum_of_parts(spec, self.entries, self.batch, self.num_classes)
 
     def predict(self, spec: ArchSpec) -> float:
         cal = self.calibration

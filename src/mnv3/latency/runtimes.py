@@ -140,8 +140,10 @@ class Runtime:
                            resolution)
 
     def session(self, spec_or_model: ArchSpec | nn.Module, *, threads: int = 1, batch: int = 1,
-                resolution: int | None = None, input_shape: tuple[int, ...] | None = None
-                ) -> Callable[[], object]:
+                resolution: int | None = None, input_shape: tuple[int, ...] | None = None,
+                num_classes: int = 1000) -> Callable[[], object]:
+        """A callable that runs one inference. `num_classes` sizes the classifier of a spec (a
+        module is run as it is)."""
         raise NotImplementedError
 
 
@@ -155,9 +157,9 @@ class TorchRuntime(Runtime):
         self.fused = fused
         self.name = "torch-fused" if fused else "torch"
 
-    def session(self, spec_or_model, *, threads=1, batch=1, resolution=None, input_shape=None):
+    def session(self, spec_or_model, *, threads=1, batch=1, resolution=None, input_shape=None, num_classes=1000):
         check_threads(threads)
-        model = latency_model(spec_or_model, batch)
+        model = latency_model(spec_or_model, batch, num_classes)
         if self.fused and isinstance(model, MobileNet):
             model = copy.deepcopy(model).fuse()     # never change the caller's model
         x = _example_input(model, batch, resolution, input_shape)
@@ -175,9 +177,8 @@ class OnnxRuntime(Runtime):
     name = package = "onnxruntime"
     install = "pip install onnxruntime onnx"
 
-    def session(self, spec_or_model, *, threads=1, batch=1, resolution=None, input_shape=None):
-
-        model = latency_model(spec_or_model, batch)
+    def session(self, spec_or_model, *, threads=1, batch=1, resolution=None, input_shape=None, num_classes=1000):
+        model = latency_model(spec_or_model, batch, num_classes)
         x = _example_input(model, batch, resolution, input_shape)
         with tempfile.TemporaryDirectory(prefix="mnv3-onnx-") as tmp:
             path = Path(tmp) / "model.onnx"
@@ -221,17 +222,17 @@ class LiteRtRuntime(Runtime):
         except PackageNotFoundError:
             return "unknown"
 
-    def session(self, spec_or_model, *, threads=1, batch=1, resolution=None, input_shape=None):
+    def session(self, spec_or_model, *, threads=1, batch=1, resolution=None, input_shape=None, num_classes=1000):
         from ai_edge_litert.interpreter import Interpreter
 
         check_threads(threads)
         if isinstance(spec_or_model, ArchSpec) and input_shape is None:
             # A spec converts the same way every time: keep its conversion (about 30 s) in the cache.
-            path = self.converted(spec_or_model, batch, resolution)
+            path = self.converted(spec_or_model, batch, resolution, num_classes)
             interpreter = Interpreter(model_path=str(path), num_threads=threads)
             shape = interpreter.get_input_details()[0]["shape"]
             return self._ready(interpreter, torch.randn(*shape).numpy())
-        model = latency_model(spec_or_model, batch)
+        model = latency_model(spec_or_model, batch, num_classes)
         x = _example_input(model, batch, resolution, input_shape)
         with tempfile.TemporaryDirectory(prefix="mnv3-litert-") as tmp:
             path = Path(tmp) / "model.tflite"
@@ -240,10 +241,10 @@ class LiteRtRuntime(Runtime):
         return self._ready(interpreter, x.numpy())
 
     @staticmethod
-    def converted(spec: ArchSpec, batch: int = 1, resolution: int | None = None) -> Path:
-        """The TFLite file litert-torch makes of `spec` (random weights, for timing), converted once
-        and then kept in $MNV3_CACHE/litert under a name that hashes the spec, the input shape and
-        the converter's version."""
+    def converted(spec: ArchSpec, batch: int = 1, resolution: int | None = None, num_classes: int = 1000) -> Path:
+        """The TFLite file litert-torch makes of `spec` (random weights, for timing) with a
+        `num_classes` classifier, converted once and then kept in $MNV3_CACHE/litert under a name
+        that hashes the spec, the input shape, the class count and the converter's version."""
         import hashlib
         from importlib.metadata import PackageNotFoundError, version
 
@@ -254,11 +255,12 @@ class LiteRtRuntime(Runtime):
         except PackageNotFoundError:
             raise RuntimeUnavailable(NEEDS_LITERT_TORCH) from None
         resolution = resolution or spec.resolution
-        digest = hashlib.sha256(f"{spec.to_json(None)}|b{batch}|r{resolution}|litert-torch-{converter}"
+        classes = f"|n{num_classes}" if num_classes != 1000 else ""       # 1000: the names cached before
+        digest = hashlib.sha256(f"{spec.to_json(None)}|b{batch}|r{resolution}{classes}|litert-torch-{converter}"
                                 .encode()).hexdigest()[:16]
         path = cache_dir() / "litert" / f"{spec.name}-{digest}.tflite"
         if not path.is_file():
-            model = latency_model(spec, batch)
+            model = latency_model(spec, batch, num_classes)
             atomic_write(path, lambda tmp: export_tflite(model, _example_input(model, batch, resolution, None), tmp))
         return path
 

@@ -35,7 +35,7 @@ class PredictedLatency:
     def covers(self, spec: ArchSpec) -> bool:
         from mnv3.latency.lut import network_parts
 
-        return all(p.key in self._predictor.entries for p in network_parts(spec))
+        return all(p.key in self._predictor.entries for p in network_parts(spec, num_classes=self.space.num_classes))
 
     def ms(self, spec: ArchSpec) -> float:
         if self.covers(spec):
@@ -51,21 +51,27 @@ class PredictedLatency:
 
     def describe(self) -> dict:
         return {"latency": self.name, "runtime": self.runtime.name, "db": self.table.url,
-                "threads": self.threads, "calibration": {k: v for k, v in self._predictor.calibration.items()
-                                                         if k in ("model", "a", "b", "c", "loo_mape", "n")}}
+                "threads": self.threads, "num_classes": self.space.num_classes,
+                "calibration": {k: v for k, v in self._predictor.calibration.items()
+                                if k in ("model", "a", "b", "c", "loo_mape", "n")}}
 
 
 @dataclass
 class MeasuredLatency:
-    """Every candidate measured end to end with the protocol (median of at least 50 runs)."""
+    """Every candidate measured end to end with the protocol (median of at least 50 runs), with a
+    `num_classes` classifier."""
 
     runtime: Runtime
     threads: int = 1
     runs: int = MIN_RUNS
     name: str = "measured"
+    num_classes: int = 1000
 
     def ms(self, spec: ArchSpec) -> float:
-        return measure(self.runtime.session(spec, threads=self.threads), runs=self.runs).median_ms
+        return measure(self.session(spec), runs=self.runs).median_ms
+
+    def session(self, spec: ArchSpec):
+        return self.runtime.session(spec, threads=self.threads, num_classes=self.num_classes)
 
     def measure(self, specs: list[ArchSpec], progress: bool = False) -> list[float]:
         """Several networks timed round-robin in one run (ratios to the first hold under load)."""
@@ -73,11 +79,12 @@ class MeasuredLatency:
 
         if len(specs) == 1:
             return [self.ms(specs[0])]
-        sessions = [self.runtime.session(s, threads=self.threads) for s in specs]
+        sessions = [self.session(s) for s in specs]
         return [t.median_ms for t, _ in measure_side_by_side(sessions, runs=self.runs)]
 
     def describe(self) -> dict:
-        return {"latency": self.name, "runtime": self.runtime.name, "threads": self.threads}
+        return {"latency": self.name, "runtime": self.runtime.name, "threads": self.threads,
+                "num_classes": self.num_classes}
 
 
 def open_latency(kind: str, space: SearchSpace, runtime: str, *, db: str, threads: int = 1,
@@ -87,7 +94,7 @@ def open_latency(kind: str, space: SearchSpace, runtime: str, *, db: str, thread
 
     rt = get_runtime(runtime)
     if kind == "measure":
-        return MeasuredLatency(rt, threads)
+        return MeasuredLatency(rt, threads, num_classes=space.num_classes)
     if kind != "predict":
         raise LatencyError(f"--latency: expected predict or measure, got {kind!r}")
     try:

@@ -291,7 +291,8 @@ def load_supernet(where: str | Path, space: SearchSpace | None = None) -> tuple[
     path = supernet_path(where)
     tensors, header = read_safetensors(path)
     info = SupernetInfo.from_header(header, str(path))
-    if space is not None and space.to_dict() != info.space.to_dict():
+    # the classifier size a search's latencies include is no part of the supernet (its own is the data's)
+    if space is not None and dataclasses.replace(space, num_classes=info.space.num_classes).to_dict() != info.space.to_dict():
         raise SupernetError(f"{path} was trained over another search space ({space_difference(space, info.space)}: "
                             "this search's vs the supernet's); search its own space (--space "
                             f"{path.parent / 'space.json'}) or train a supernet for this one")
