@@ -66,7 +66,7 @@ def space_file() -> Path:
 def run_search(args) -> dict:
     """`mnv3 search` itself, as many trials as fit the budget (`--minutes`; the study keeps them, so
     a rerun continues)."""
-    out = OUT / "search"
+    out = OUT / "search-c10"      # the 10-class space (runs before --classes: search/, another study)
     cmd = ["search", "--space", str(space_file()), "--data", str(DATA), "--runtime", RUNTIME,
            "--build-table", "--db", f"sqlite:///{OUT / 'lut.sqlite'}", "--target-of", "mobilenet_v3_small",
            "--classes", "10",      # the networks are timed as the 10-class classifiers they become
@@ -140,21 +140,32 @@ def interpolate(x: float, points: list[tuple[float, float]]) -> float:
     return pts[-1][1]
 
 
+def strategy_oracle(args) -> tuple[str, list[str]]:
+    """The strategies' oracle: a short proxy training, or a supernet (`--strategy-oracle DIR`, over
+    its own space, with the latency table beside it, as bench/supernet_rank.py leaves them)."""
+    if args.strategy_oracle:
+        where = Path(args.strategy_oracle)
+        return f"supernet-{where.name}", ["--oracle", f"supernet:{where}", "--db",
+                                          f"sqlite:///{where.parent / 'lut.sqlite'}", "--build-table"]
+    return (f"{args.strategy_subset}x{args.strategy_epochs}-c10",
+            ["--space", str(space_file()), "--data", str(DATA), "--db", f"sqlite:///{OUT / 'lut.sqlite'}",
+             "--classes", "10", "--proxy-subset", str(args.strategy_subset), "--proxy-epochs",
+             str(args.strategy_epochs), "--proxy-held-out", "1000"])
+
+
 def strategies(args) -> list[dict]:
     """ppo, evolution and random side by side: the same trials, the same cheap oracle."""
     rows = []
+    tag, oracle = strategy_oracle(args)
     for strategy in ("random", "evolution", "ppo"):
-        out = OUT / f"strategy-{strategy}-{args.strategy_subset}x{args.strategy_epochs}"
-        cmd = ["search", "--space", str(space_file()), "--data", str(DATA), "--runtime", RUNTIME,
-               "--db", f"sqlite:///{OUT / 'lut.sqlite'}", "--target-of", "mobilenet_v3_small", "--target-width",
-               "0.75", "--classes", "10", "--proxy-subset", str(args.strategy_subset), "--proxy-epochs", str(args.strategy_epochs),
-               "--proxy-held-out", "1000",
-               "--strategy", strategy, "--trials", str(args.strategy_trials), "--out", str(out), "--no-progress",
-               "--final-k", "1", "--references", "--json", "--threads", str(args.threads)]
+        out = OUT / f"strategy-{strategy}-{tag}"
+        cmd = ["search", *oracle, "--runtime", RUNTIME, "--target-of", "mobilenet_v3_small", "--target-width",
+               "0.75", "--strategy", strategy, "--trials", str(args.strategy_trials), "--out", str(out),
+               "--no-progress", "--final-k", "1", "--references", "--json", "--threads", str(args.threads),
+               "--seed", str(args.strategy_seed)]
         if strategy == "evolution":
             cmd += ["--population", str(max(4, args.strategy_trials // 3))]
-        log(f"strategy {strategy}: {args.strategy_trials} trials (cheap oracle: {args.strategy_subset} images, "
-            f"{args.strategy_epochs} epoch(s))")
+        log(f"strategy {strategy}: {args.strategy_trials} trials ({tag})")
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
             if mnv3_main(cmd) != 0:
@@ -184,6 +195,11 @@ def main() -> None:
     parser.add_argument("--strategy-trials", type=int, default=30)
     parser.add_argument("--strategy-subset", type=int, default=2000, help="images of the strategies' oracle")
     parser.add_argument("--strategy-epochs", type=int, default=2, help="epochs of the strategies' oracle")
+    parser.add_argument("--strategy-oracle", metavar="SUPERNET_DIR",
+                        help="a supernet folder as the strategies' oracle, over its own space (hundreds of "
+                             "trials in the time of a few proxy trainings), e.g. "
+                             "bench/results/supernet_rank/supernet")
+    parser.add_argument("--strategy-seed", type=int, default=0, help="seed of the strategies' samplers")
     parser.add_argument("--threads", type=int, default=2,
                         help="intra-op threads of the proxy and final trainings (default 2; 1 leaves a core free)")
     parser.add_argument("--skip-strategies", action="store_true")
@@ -242,7 +258,7 @@ def print_strategies(args) -> None:
     for r in srows:
         print(f"{r['strategy']:<11}{r['trials']:>7}{r['best_reward']:>13.4f}{r['best_after_half']:>13.4f}"
               f"{r['mean_last_10']:>17.4f}")
-    write_csv(f"search_strategies_{args.strategy_subset}x{args.strategy_epochs}.csv", srows)
+    write_csv(f"search_strategies_{strategy_oracle(args)[0]}.csv", srows)
 
 
 if __name__ == "__main__":
