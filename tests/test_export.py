@@ -181,6 +181,50 @@ def test_int8_onnx_export_and_op_report(classifier_file, tmp_path, capsys):
     assert code == 2 and "--calibration" in err and "no images" in err and not (tmp_path / "q.onnx").exists()
 
 
+@pytest.mark.parametrize("statistics", ["calibrated", "default"])
+def test_onnx_float_stem_is_the_float_models_own(tmp_path, statistics):
+    """With the stem float, the int8 ONNX graph computes it as the float file does: the first
+    convolution on the graph's input with float constants, its hard-swish, then one QuantizeLinear
+    for the first block; no quantize/dequantize pair inside (the quantizer had put three there, on
+    the inlined hard-swish it could not recognise). With default batch-norm statistics every folded
+    bias is zero and the exporter stores the stem's and block 0's as one constant: block 0 keeps
+    its dequantized copy, the stem gets its own float one."""
+    import onnx
+    import onnxruntime as ort
+
+    from mnv3.deploy.export import _ancestors, quantize_onnx
+
+    torch.manual_seed(2)
+    model = mnv3.build(resolve_arch("mobilenet_v3_small", 0.35, 32), 10)
+    if statistics == "calibrated":
+        model = calibrate_batchnorm(model, (16, 3, 32, 32))
+    model = model.eval()
+    x = torch.rand(8, 3, 32, 32) * 2 - 1
+    path = tmp_path / "q.onnx"
+    export(model, path)                 # the float file as `mnv3 export` writes it
+    if statistics == "default":     # the case the restoration has to handle: one constant, two readers
+        g = onnx.load(str(path)).graph
+        alias = {n.output[0]: n.input[0] for n in g.node if n.op_type == "Identity"}
+        conv_bias = [alias.get(n.input[2], n.input[2]) for n in g.node if n.op_type == "Conv" and len(n.input) > 2]
+        assert conv_bias[0] in conv_bias[1:]
+    quantize_onnx(path, x)
+    graph = onnx.load(str(path)).graph
+    constants = {i.name: i for i in graph.initializer}
+    first = [n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in constants]
+    stem = _ancestors(graph, first[0].input[0])
+    assert [n.op_type for n in stem] == ["Conv", "HardSwish"]
+    conv = stem[0]
+    assert conv.input[0] == graph.input[0].name
+    assert all(i in constants and constants[i].data_type == onnx.TensorProto.FLOAT for i in conv.input[1:])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = np.concatenate([session.run(None, {graph.input[0].name: x[i:i + 1].numpy()})[0] for i in range(8)])
+    with torch.no_grad():
+        eager = model(x).numpy()
+    assert got.shape == eager.shape
+    if statistics == "calibrated":
+        assert float(np.abs(got - eager).max()) < 0.25 * max(1.0, float(np.abs(eager).max()))
+
+
 def test_float_stem_scope_is_the_stem_only():
     """Tensor names as litert-torch writes them (MobileNetV3-Large-minimalistic at 64x64): the stem's
     ops match, block 0's convolutions (whose fused names list the stem's batch norm later) do not."""

@@ -363,8 +363,9 @@ def quantize_onnx(path: Path, calibration: torch.Tensor, float_stem: bool = True
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     data = calibration.numpy()
-    name = onnx.load(str(path), load_external_data=False).graph.input[0].name
-    metadata = list(onnx.load(str(path)).metadata_props)
+    original = onnx.load(str(path))
+    name = original.graph.input[0].name
+    metadata = list(original.metadata_props)
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -394,11 +395,83 @@ def quantize_onnx(path: Path, calibration: torch.Tensor, float_stem: bool = True
                             per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             nodes_to_exclude=stem)
         proto = onnx.load(str(Path(tmp) / "int8.onnx"))
+    if stem:
+        restore_float_stem(proto, original, stem_output(original))
     if lookup:
         lookup_gates(proto)
     del proto.metadata_props[:]
     proto.metadata_props.extend(metadata)
     onnx.save(proto, str(path_in))
+
+
+def stem_output(proto) -> str:
+    """The tensor the stem hands to the first block: the output of the last node (in graph order)
+    whose name is in the stem's scope (torch names them /stem/conv/Conv, /stem/act/HardSwish)."""
+    outputs = [n.output[0] for n in proto.graph.node if STEM.search(n.name)]
+    if not outputs:
+        raise ExportError("int8 with a float stem: the ONNX graph has no node in the stem's scope (/stem/); "
+                          "pass --int8-stem to quantize the whole network")
+    return outputs[-1]
+
+
+def _ancestors(graph, tensor: str) -> list:
+    """The nodes that `tensor` is computed from, back to the graph's inputs and constants, in graph order."""
+    producer = {o: n for n in graph.node for o in n.output}
+    wanted, todo = set(), [tensor]
+    while todo:
+        n = producer.get(todo.pop())
+        if n is not None and id(n) not in wanted:
+            wanted.add(id(n))
+            todo.extend(n.input)
+    return [n for n in graph.node if id(n) in wanted]
+
+
+def restore_float_stem(proto, original, output: str) -> int:
+    """Put the float model's own stem back into the quantized graph `proto`, in place: every node
+    that computes the stem's `output` (the first convolution and its hard-swish) is replaced by the
+    float graph's nodes and constants, renamed so that nothing is shared with the quantized blocks,
+    and `output` keeps the QuantizeLinear that feeds the first block. Left to the quantizer, the
+    float stem was not float: its hard-swish reaches the quantizer as an inlined HardSigmoid and Mul
+    with new names that no exclusion list matched, so the tensors inside the stem got quantize and
+    dequantize pairs, and a bias constant the exporter shares with another convolution (equal
+    values are stored once) reached the stem through a DequantizeLinear. ONNX Runtime then ran the
+    stem as a plain NCHW convolution plus four ops (0.39 ms on MobileNetV3-Small at 224, AMD EPYC)
+    where the float model fuses convolution and hard-swish into one NCHWc kernel (0.14 ms).
+    Returns how many quantized nodes were removed."""
+    from onnx import numpy_helper
+
+    g = proto.graph
+    removed = _ancestors(g, output)
+    kept = [n for n in g.node if id(n) not in {id(r) for r in removed}]
+    still_read = {i for n in kept for i in n.input} | {o.name for o in g.output}
+    # what the blocks still read of the stem's nodes (a dequantized constant shared with a block) stays
+    shared = {id(a) for n in removed for o in n.output if o in still_read and o != output
+              for a in _ancestors(g, o)}
+    saved = [n for n in removed if id(n) in shared]
+    constants = {i.name: i for i in original.graph.initializer}
+    inputs = {i.name for i in original.graph.input}
+    stem = copy.deepcopy(_ancestors(original.graph, output))
+    rename = {}
+    for n in stem:
+        for i in n.input:
+            if i in constants and i not in rename:
+                rename[i] = f"mnv3_float_stem/{i}"
+                array = numpy_helper.to_array(constants[i])
+                g.initializer.append(numpy_helper.from_array(array, rename[i]))
+        for o in n.output:
+            if o != output:
+                rename[o] = f"mnv3_float_stem/{o}"
+    for n in stem:
+        n.input[:] = [rename.get(i, i) if i not in inputs else i for i in n.input]
+        n.output[:] = [rename.get(o, o) for o in n.output]
+        n.name = f"mnv3_float_stem/{n.name}" if n.name else "mnv3_float_stem"
+    del g.node[:]
+    g.node.extend(stem + saved + kept)
+    used = {i for n in g.node for i in n.input}
+    initializers = [i for i in g.initializer if i.name in used]
+    del g.initializer[:]
+    g.initializer.extend(initializers)
+    return len(removed) - len(saved)
 
 
 def integer_friendly(proto, keep: set[str] = frozenset()) -> int:
