@@ -169,6 +169,10 @@ def test_int8_onnx_export_and_op_report(classifier_file, tmp_path, capsys):
     assert ops["integer"]["QLinearLeakyRelu"] > 5 and ops["float"].get("Conv") == 1
     assert set(ops["float"]) <= {"Conv", "HardSigmoid", "Mul", "ReduceMean"} and ops["quantize"] <= 3
     assert read_metadata(out)["int8"]["calibration"] == "digits" and read_metadata(out)["int8"]["stem"] == "float"
+    import onnx     # the depthwise convolutions after an expansion on multiples of 16 channels (pad_depthwise)
+    graph = onnx.load(str(out)).graph
+    groups = [a.i for n in graph.node if n.op_type == "Conv" for a in n.attribute if a.name == "group" and a.i > 1]
+    assert groups[0] == 8 and len(groups) == 11 and all(g % 16 == 0 for g in groups[1:])   # block 0: no expansion
     float_ops = run(capsys, "export", classifier_file, "-o", tmp_path / "f.onnx", "--report", "--json")[1]
     assert json.loads(float_ops)["ops"]["integer"] == {}
     code, _, err = run(capsys, "export", classifier_file, "-o", tmp_path / "q.pt2", "--int8")
@@ -223,6 +227,25 @@ def test_onnx_float_stem_is_the_float_models_own(tmp_path, statistics):
     assert got.shape == eager.shape
     if statistics == "calibrated":
         assert float(np.abs(got - eager).max()) < 0.25 * max(1.0, float(np.abs(eager).max()))
+
+
+def test_depthwise_padding_keeps_the_function():
+    """pad_depthwise widens every expansion to a multiple of 16 with channels that are zero
+    throughout: the network computes what it did, to float rounding."""
+    from mnv3.deploy.export import pad_depthwise
+    from mnv3.nn.layers import InvertedResidual
+
+    torch.manual_seed(4)
+    model = calibrate_batchnorm(mnv3.build(resolve_arch("mobilenet_v3_small", 0.35, 32), 10), (16, 3, 32, 32))
+    folded, padded = fold_batchnorm(model), fold_batchnorm(model)
+    before = [b.dw.conv.in_channels for b in folded.modules() if isinstance(b, InvertedResidual)]
+    assert pad_depthwise(padded) == sum(1 for c in before[1:] if c % 16)     # block 0 has no expansion
+    after = [b.dw.conv.in_channels for b in padded.modules() if isinstance(b, InvertedResidual)]
+    assert after[0] == before[0] and all(c % 16 == 0 and c - b < 16 for c, b in zip(after[1:], before[1:]))
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.allclose(padded(x), folded(x), atol=1e-5)
+    assert pad_depthwise(padded) == 0
 
 
 def test_float_stem_scope_is_the_stem_only():
