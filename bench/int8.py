@@ -3,7 +3,8 @@
 Latency: MobileNetV3-Large, -Small and MobileNetV2 (224x224, batch 1, 1 thread), exported float and
 int8 for ONNX Runtime (static QDQ) and LiteRT (AI Edge quantizer + hard-swish rewritten for XNNPACK),
 each int8 twice: as `mnv3 export --int8` writes it (the stem float) and with `--int8-stem`; plus the AI Edge quantizer's int8 file without our rewrite (what a user of the quantizer alone
-gets), all timed interleaved in one run; printed as ratios to the float file of the same runtime,
+gets) and the int8 ONNX file with the network's own expansion widths (`mnv3 export` pads them to
+multiples of 16), all timed interleaved in one run; printed as ratios to the float file of the same runtime,
 with XNNPACK's partition count of each TFLite file.
 
 Accuracy: the authors' MobileNetV3-Large-minimalistic uint8 TFLite (the one ImageNet-trained V3
@@ -71,6 +72,16 @@ def plain_int8_tflite(model, x: torch.Tensor, calib: torch.Tensor, path: Path) -
     return path
 
 
+def unpadded_int8_onnx(model, calib: torch.Tensor, path: Path) -> Path:
+    """The int8 ONNX file with the network's own expansion widths (`mnv3 export` pads them to
+    multiples of 16 for ONNX Runtime's depthwise kernel): what the padding gains, in the same run."""
+    from mnv3.deploy.export import _write_onnx, description, fold_batchnorm, quantize_onnx
+
+    _write_onnx(fold_batchnorm(model), calib[:1], path, False, description(model))
+    quantize_onnx(path, calib)
+    return path
+
+
 def exports(model, name: str, folder: Path, calib: torch.Tensor, tolerance: float) -> dict[str, Path]:
     files = {}
     for fmt in ("onnx", "tflite"):
@@ -81,6 +92,8 @@ def exports(model, name: str, folder: Path, calib: torch.Tensor, tolerance: floa
                   images=str(CALIBRATION), calibration_images=len(calib), tolerance=tolerance, force=True,
                   int8_stem="stem" in kind)
             files[f"{fmt} {kind}"] = path
+    if any(b.expansion % 16 for b in model.spec.blocks[1:]):
+        files["onnx int8 (widths kept)"] = quiet(unpadded_int8_onnx, model, calib, folder / f"{name}-int8-kept.onnx")
     if any(b.activation == "hswish" for b in model.spec.blocks):
         x = calib[:1]
         files["tflite int8 (quantizer alone)"] = quiet(plain_int8_tflite, model, x, calib, folder / f"{name}-plain.tflite")
@@ -177,6 +190,10 @@ def main() -> None:
             ratio = paired_ratio(timings, f"{name} | {runtime} int8", f"{name} | {runtime} float")
             print(f"{name} {runtime}: int8 / float = {ratio:.2f} ({'faster' if ratio < 1 else 'NOT faster'}; "
                   f"goal < 1{', <= 0.6 with dot-product instructions' if dot != ['none'] else ''})")
+        if f"{name} | onnx int8 (widths kept)" in timings:
+            kept = paired_ratio(timings, f"{name} | onnx int8 (widths kept)", f"{name} | onnx float")
+            print(f"{name} onnx: int8 with the network's own widths / float = {kept:.2f} (padded: "
+                  f"{paired_ratio(timings, f'{name} | onnx int8', f'{name} | onnx float'):.2f})")
     write_csv(f"int8_{'vnni' if dot != ['none'] else 'novnni'}.csv", rows)
     print(f"written to bench/results/int8_{'vnni' if dot != ['none'] else 'novnni'}.csv", file=sys.stderr)
 
