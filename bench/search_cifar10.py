@@ -84,7 +84,8 @@ def train_final(spec: mnv3.ArchSpec, label: str, seed: int, args) -> dict:
     """One final training (the same recipe for every network), top-1 on CIFAR-10's test split."""
     from mnv3.train.classify import train
 
-    out = OUT / "final" / f"{label}-seed{seed}"
+    # kept per final recipe too: a rerun with other --final-epochs/--final-subset must not reuse them
+    out = OUT / f"final-e{args.final_epochs}-n{args.final_subset}" / f"{label}-seed{seed}"
     done = out / "result.json"
     if done.is_file():
         return json.loads(done.read_text())
@@ -233,7 +234,8 @@ def main() -> None:
         tops = [r["top1"] for r in runs]
         rows.append({"network": name, "measured_ms": round(ms[name], 4), "top1_mean": round(statistics.mean(tops), 4),
                      "top1_min": min(tops), "top1_max": max(tops), "seeds": len(tops),
-                     "params": mnv3.count(nets[name], 10).params, "macs": mnv3.count(nets[name], 10).macs})
+                     "params": mnv3.count(nets[name], 10).params, "macs": mnv3.count(nets[name], 10).macs,
+                     "final_epochs": args.final_epochs, "final_subset": args.final_subset})
     curve = [(r["measured_ms"], r["top1_mean"]) for r in rows if r["network"] != "found"]
     mine = rows[0]
     expected = interpolate(mine["measured_ms"], curve)
