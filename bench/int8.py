@@ -135,6 +135,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--calibration-images", type=int, default=64)
     parser.add_argument("--nets", nargs="*", default=["mobilenet_v3_large", "mobilenet_v3_small", "mobilenet_v2"])
+    parser.add_argument("--tag", default="", help="suffix of the CSV's name, e.g. _epyc for another host's run")
     args = parser.parse_args()
     torch.set_num_threads(1)
     flags = cpu_flags()
@@ -194,8 +195,9 @@ def main() -> None:
             kept = paired_ratio(timings, f"{name} | onnx int8 (widths kept)", f"{name} | onnx float")
             print(f"{name} onnx: int8 with the network's own widths / float = {kept:.2f} (padded: "
                   f"{paired_ratio(timings, f'{name} | onnx int8', f'{name} | onnx float'):.2f})")
-    write_csv(f"int8_{'vnni' if dot != ['none'] else 'novnni'}.csv", rows)
-    print(f"written to bench/results/int8_{'vnni' if dot != ['none'] else 'novnni'}.csv", file=sys.stderr)
+    name = f"int8_{'vnni' if dot != ['none'] else 'novnni'}{args.tag}.csv"
+    write_csv(name, rows)
+    print(f"written to bench/results/{name}", file=sys.stderr)
 
 
 if __name__ == "__main__":
