@@ -253,6 +253,24 @@ def test_depthwise_padding_keeps_the_function():
     assert pad_depthwise(padded) == 0
 
 
+def test_same_padding_stays_in_the_int8_graph(tmp_path):
+    """TensorFlow's "same" padding (the authors' networks) exports as a Pad before each strided
+    conv; in the int8 ONNX graph each is folded into its conv, so only the float stem's remains
+    and no float island is left between the blocks; the file still computes the network."""
+    from mnv3.deploy.export import op_report
+
+    torch.manual_seed(5)
+    spec = resolve_arch("mobilenet_v3_small", 0.35, 32).replace(padding="same")
+    model = calibrate_batchnorm(mnv3.build(spec, 10), (16, 3, 32, 32)).eval()
+    out = tmp_path / "same.onnx"
+    report = export(model, out, int8=True, calibration_images=8, tolerance=0.5)   # random weights: 0.27 measured
+    assert report.max_abs_diff <= 0.5 * max(1.0, report.max_abs_output)
+    ops = op_report(out)
+    assert ops["float"].get("Pad") == 1 and ops["quantize"] <= 2      # the stem's pad; the stem's quantize
+    floats = export(model, tmp_path / "f.onnx")
+    assert op_report(floats.path)["float"].get("Pad", 0) > 1            # the float file keeps its pads
+
+
 def test_float_stem_scope_is_the_stem_only():
     """Tensor names as litert-torch writes them (MobileNetV3-Large-minimalistic at 64x64): the stem's
     ops match, block 0's convolutions (whose fused names list the stem's batch norm later) do not."""

@@ -442,6 +442,10 @@ def quantize_onnx(path: Path, calibration: torch.Tensor, float_stem: bool = True
                 quant_pre_process(str(path), str(source))     # shape inference and graph clean-up
             except Exception:                                   # noqa: BLE001 - optional step: quantize as is
                 source = path
+            folded = onnx.load(str(source))
+            if fold_pads(folded):
+                source = Path(tmp) / "folded.onnx"
+                onnx.save(folded, str(source))
             quantize_static(str(source), str(Path(tmp) / "int8.onnx"), Reader(), quant_format=QuantFormat.QDQ,
                             per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             nodes_to_exclude=stem)
@@ -453,6 +457,50 @@ def quantize_onnx(path: Path, calibration: torch.Tensor, float_stem: bool = True
     del proto.metadata_props[:]
     proto.metadata_props.extend(metadata)
     onnx.save(proto, str(path_in))
+
+
+def fold_pads(proto) -> int:
+    """Fold, in place, each zero constant Pad of the height and width whose one reader is a Conv
+    into that Conv's own pads: the same function. TensorFlow's "same" padding of a strided conv is
+    asymmetric, so the authors' networks (imported with `same=True`) export it as a Pad before the
+    conv; left alone, ONNX Runtime has no int8 Pad and each one became a float island behind a
+    dequantize/quantize pair (5 in V3-Large-minimalistic). The pads must be constants, as the
+    quantizer's pre-processing leaves them. Returns how many were folded."""
+    from onnx import helper, numpy_helper
+
+    g = proto.graph
+    init = {i.name: i for i in g.initializer}
+    readers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    drop = set()
+    for pad in g.node:
+        if pad.op_type != "Pad" or len(pad.input) < 2 or pad.input[1] not in init:
+            continue
+        mode = next((a.s for a in pad.attribute if a.name == "mode"), b"constant")
+        value = pad.input[2] if len(pad.input) > 2 else ""
+        users = readers.get(pad.output[0], [])
+        if mode != b"constant" or (value and (value not in init or numpy_helper.to_array(init[value]).any())) \
+                or len(users) != 1 or users[0].op_type != "Conv" or users[0].input[0] != pad.output[0]:
+            continue
+        amounts = numpy_helper.to_array(init[pad.input[1]]).astype(int).tolist()
+        conv = users[0]
+        attrs = {a.name: a for a in conv.attribute}
+        if len(amounts) != 8 or any(amounts[i] for i in (0, 1, 4, 5)) or min(amounts) < 0 \
+                or attrs.get("auto_pad", helper.make_attribute("auto_pad", "NOTSET")).s not in (b"NOTSET", b""):
+            continue
+        before = list(attrs["pads"].ints) if "pads" in attrs else [0, 0, 0, 0]
+        pads = [before[0] + amounts[2], before[1] + amounts[3], before[2] + amounts[6], before[3] + amounts[7]]
+        kept = [a for a in conv.attribute if a.name not in ("pads", "auto_pad")]
+        del conv.attribute[:]
+        conv.attribute.extend(kept + [helper.make_attribute("pads", pads)])
+        conv.input[0] = pad.input[0]
+        drop.add(id(pad))
+    nodes = [n for n in g.node if id(n) not in drop]
+    del g.node[:]
+    g.node.extend(nodes)
+    return len(drop)
 
 
 def stem_output(proto) -> str:
