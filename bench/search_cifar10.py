@@ -248,7 +248,7 @@ def main() -> None:
     verdict = "above" if gain > spread else "not above"
     print(f"found network: {mine['top1_mean']:.4f} at {mine['measured_ms']:.3f} ms; the width-scaled curve gives "
           f"{expected:.4f} there: {gain:+.4f} ({verdict} the curve by more than the seeds' spread {spread:.4f})")
-    write_csv("search_cifar10.csv", rows + [{"network": "curve at found", "measured_ms": mine["measured_ms"],
+    write_csv(f"search_cifar10_c10_e{args.final_epochs}.csv", rows + [{"network": "curve at found", "measured_ms": mine["measured_ms"],
                                               "top1_mean": round(expected, 4)}])
     if not args.skip_strategies:
         print_strategies(args)

@@ -344,7 +344,8 @@ def export(model, path: str | Path, fmt: str | None = None, *, batch: int = 1, d
     x = verification_batch(model, images, max(trace_batch, 3 if dynamic else batch), images_flag)
     if int8:
         stem = "stem int8, int8 input" if int8_stem else "stem (first convolution and activation) float, float input"
-        padded = "; expansions padded to multiples of 16 channels" if not hasattr(model, "backbone") else ""
+        pad = fmt == "onnx" and not hasattr(model, "backbone")     # a dense head may tap an expansion
+        padded = "; expansions padded to multiples of 16 channels" if pad else ""
         scheme = (f"static QDQ, activations uint8 per tensor, weights int8 per channel; {stem}; hard-swish "
                   f"gates as one table lookup (QLinearLeakyRelu){padded}" if fmt == "onnx" else
                   "static, AI Edge quantizer: activations int8 per tensor, weights int8 per channel, int8 output; "
@@ -355,7 +356,7 @@ def export(model, path: str | Path, fmt: str | None = None, *, batch: int = 1, d
 
         def write_int8(tmp: Path) -> None:
             if fmt == "onnx":
-                if not hasattr(folded, "backbone"):     # a dense head may tap an expansion: keep its width
+                if pad:
                     pad_depthwise(folded)
                 write(folded, x[:trace_batch], tmp, dynamic, info)
                 quantize_onnx(tmp, calib, float_stem=not int8_stem)
@@ -417,6 +418,8 @@ def quantize_onnx(path: Path, calibration: torch.Tensor, float_stem: bool = True
     original = onnx.load(str(path))
     name = original.graph.input[0].name
     metadata = list(original.metadata_props)
+    stem_nodes = [n for n in original.graph.node if STEM.search(n.name)] if float_stem else []
+    stem = [n.name for n in stem_nodes]
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -430,8 +433,7 @@ def quantize_onnx(path: Path, calibration: torch.Tensor, float_stem: bool = True
 
     with tempfile.TemporaryDirectory(prefix="mnv3-int8-") as tmp:
         rewritten = Path(tmp) / "rewritten.onnx"
-        proto = onnx.load(str(path))
-        stem = [n.name for n in proto.graph.node if STEM.search(n.name)] if float_stem else []
+        proto = copy.deepcopy(original)
         integer_friendly(proto, keep=set(stem))
         onnx.save(proto, str(rewritten))
         path_in, path = path, rewritten
@@ -450,8 +452,8 @@ def quantize_onnx(path: Path, calibration: torch.Tensor, float_stem: bool = True
                             per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             nodes_to_exclude=stem)
         proto = onnx.load(str(Path(tmp) / "int8.onnx"))
-    if stem:
-        restore_float_stem(proto, original, stem_output(original))
+    if stem:        # the stem's output: that of its last node (torch names /stem/conv/Conv, /stem/act/HardSwish)
+        restore_float_stem(proto, original, stem_nodes[-1].output[0])
     if lookup:
         lookup_gates(proto)
     del proto.metadata_props[:]
@@ -501,16 +503,6 @@ def fold_pads(proto) -> int:
     del g.node[:]
     g.node.extend(nodes)
     return len(drop)
-
-
-def stem_output(proto) -> str:
-    """The tensor the stem hands to the first block: the output of the last node (in graph order)
-    whose name is in the stem's scope (torch names them /stem/conv/Conv, /stem/act/HardSwish)."""
-    outputs = [n.output[0] for n in proto.graph.node if STEM.search(n.name)]
-    if not outputs:
-        raise ExportError("int8 with a float stem: the ONNX graph has no node in the stem's scope (/stem/); "
-                          "pass --int8-stem to quantize the whole network")
-    return outputs[-1]
 
 
 def _ancestors(graph, tensor: str) -> list:
