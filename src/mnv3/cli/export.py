@@ -88,9 +88,17 @@ def cmd_export(args: argparse.Namespace) -> int:
         else:
             print(f"  the TFLite graph; XNNPACK's delegate takes it in {ops['delegate_partitions']} partition(s) "
                   "(1: every op delegated)")
+        def listed(table: dict) -> str:
+            return ", ".join(f"{k} {v}" for k, v in sorted(table.items(), key=lambda kv: -kv[1])) or "none"
+
         for kind in ("integer", "float"):
-            listed = ", ".join(f"{k} {v}" for k, v in sorted(ops[kind].items(), key=lambda kv: -kv[1])) or "none"
-            print(f"  {kind} ops ({sum(ops[kind].values())}): {listed}")
+            print(f"  {kind} ops ({sum(ops[kind].values())}): {listed(ops[kind])}")
+        if report.format == "onnx" and ops["float"]:
+            for key, what in (("float_before_int8", "before the first quantize (the float stem and input)"),
+                              ("float_inside_int8", "inside the int8 graph, each between a dequantize and a quantize"),
+                              ("float_after_int8", "after the last dequantize (the output side)")):
+                if ops[key]:
+                    print(f"    {what}: {listed(ops[key])}")
         print(f"  quantize {ops['quantize']}, dequantize {ops['dequantize']} (each float op inside an int8 "
               "graph is fed by a dequantize and followed by a quantize)")
     if args.json:

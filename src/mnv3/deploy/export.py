@@ -720,8 +720,10 @@ def op_report(path: str | Path) -> dict:
         graph = onnx.load(options.optimized_model_filepath).graph
     integer: dict[str, int] = {}
     other: dict[str, int] = {}
+    where: dict[str, dict[str, int]] = {"before": {}, "inside": {}, "after": {}}
     q = dq = 0
-    for n in graph.node:
+    nodes = list(graph.node)
+    for n, side in zip(nodes, _float_sides(nodes)):
         if n.op_type == "QuantizeLinear":
             q += 1
         elif n.op_type == "DequantizeLinear":
@@ -729,7 +731,44 @@ def op_report(path: str | Path) -> dict:
         else:
             table = integer if n.op_type.startswith(INTEGER_OPS) else other
             table[n.op_type] = table.get(n.op_type, 0) + 1
-    return {"integer": integer, "float": other, "quantize": q, "dequantize": dq}
+            if table is other:
+                place = where[side]
+                place[n.op_type] = place.get(n.op_type, 0) + 1
+    return {"integer": integer, "float": other, "float_before_int8": where["before"],
+            "float_inside_int8": where["inside"], "float_after_int8": where["after"], "quantize": q, "dequantize": dq}
+
+
+def _float_sides(nodes: list) -> list[str]:
+    """Where each of `nodes` (a graph's, in order) sits against the integer graph: `before` it (no
+    QuantizeLinear upstream: the float input side, the stem when it stays float), `after` it (no
+    QuantizeLinear downstream), or `inside` (a float island between a dequantize and a quantize,
+    paying for both)."""
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output}
+    readers: dict[str, list[int]] = {}
+    for i, n in enumerate(nodes):
+        for t in n.input:
+            readers.setdefault(t, []).append(i)
+
+    def reaches(start: int, step) -> bool:
+        seen, todo = set(), list(step(start))
+        while todo:
+            i = todo.pop()
+            if i in seen:
+                continue
+            seen.add(i)
+            if nodes[i].op_type == "QuantizeLinear":
+                return True
+            todo.extend(step(i))
+        return False
+
+    def up(i: int) -> list[int]:
+        return [producer[t] for t in nodes[i].input if t in producer]
+
+    def down(i: int) -> list[int]:
+        return [r for o in nodes[i].output for r in readers.get(o, [])]
+
+    return ["before" if not reaches(i, up) else "after" if not reaches(i, down) else "inside"
+            for i in range(len(nodes))]
 
 
 def read_metadata(path: str | Path) -> dict | None:
