@@ -154,33 +154,66 @@ def strategy_oracle(args) -> tuple[str, list[str]]:
              str(args.strategy_epochs), "--proxy-held-out", "1000"])
 
 
-def strategies(args) -> list[dict]:
-    """ppo, evolution and random side by side: the same trials, the same cheap oracle."""
-    rows = []
+def best_so_far(out: Path) -> list[float]:
+    """The best reward after each finished trial, in trial order (a network proposed again counts as
+    a trial, as MnasNet counted its controller's samples)."""
+    import csv
+
+    with open(out / "trials.csv") as f:
+        rows = sorted(csv.DictReader(f), key=lambda r: int(r["trial"]))
+    rewards = [float(r["reward"]) for r in rows]
+    return [max(rewards[:i + 1]) for i in range(len(rewards))]
+
+
+def strategies(args) -> tuple[list[dict], dict[str, list[list[float]]]]:
+    """ppo, evolution and random side by side: the same trials, the same cheap oracle, each with
+    every seed of --strategy-seeds (a strategy's luck on one seed says little)."""
+    rows, curves = [], {}
     tag, oracle = strategy_oracle(args)
     for strategy in ("random", "evolution", "ppo"):
-        out = OUT / f"strategy-{strategy}-{tag}"
-        cmd = ["search", *oracle, "--runtime", RUNTIME, "--target-of", "mobilenet_v3_small", "--target-width",
-               "0.75", "--strategy", strategy, "--trials", str(args.strategy_trials), "--out", str(out),
-               "--no-progress", "--final-k", "1", "--references", "--json", "--threads", str(args.threads),
-               "--seed", str(args.strategy_seed)]
-        if strategy == "evolution":
-            cmd += ["--population", str(max(4, args.strategy_trials // 3))]
-        log(f"strategy {strategy}: {args.strategy_trials} trials ({tag})")
-        buf = io.StringIO()
-        with contextlib.redirect_stdout(buf):
-            if mnv3_main(cmd) != 0:
-                sys.exit(f"strategy {strategy} failed")
-        summary = json.loads((out / "summary.json").read_text())
-        import csv
+        curves[strategy] = []
+        for seed in args.strategy_seeds:
+            out = OUT / (f"strategy-{strategy}-{tag}" + (f"-s{seed}" if seed else ""))
+            cmd = ["search", *oracle, "--runtime", RUNTIME, "--target-of", "mobilenet_v3_small", "--target-width",
+                   "0.75", "--strategy", strategy, "--trials", str(args.strategy_trials), "--out", str(out),
+                   "--no-progress", "--final-k", "1", "--references", "--json", "--threads", str(args.threads),
+                   "--seed", str(seed)]
+            if strategy == "evolution":
+                cmd += ["--population", str(max(4, args.strategy_trials // 3))]
+            log(f"strategy {strategy}, seed {seed}: {args.strategy_trials} trials ({tag})")
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                failed = mnv3_main(cmd) != 0
+            if failed:
+                sys.exit(f"strategy {strategy} failed (run `mnv3 {' '.join(cmd)}` to see why)")
+            summary = json.loads((out / "summary.json").read_text())
+            best = best_so_far(out)
+            curves[strategy].append(best)
+            rows.append({"strategy": strategy, "seed": seed, "trials": len(best), "best_reward": best[-1],
+                         "best_accuracy": summary["accuracy"], "best_predicted_ms": summary["predicted_ms"],
+                         "best_after_quarter": best[len(best) // 4 - 1], "best_after_half": best[len(best) // 2 - 1],
+                         "oracle": tag})
+    return rows, curves
 
-        with open(out / "trials.csv") as f:
-            rewards = [float(r["reward"]) for r in csv.DictReader(f)]
-        best = [max(rewards[:i + 1]) for i in range(len(rewards))]
-        rows.append({"strategy": strategy, "trials": len(rewards), "best_reward": summary["reward"],
-                     "best_accuracy": summary["accuracy"],
-                     "best_after_half": best[len(best) // 2 - 1], "mean_last_10": statistics.mean(rewards[-10:])})
-    return rows
+
+def plot_strategies(curves: dict[str, list[list[float]]], path: Path, tag: str) -> None:
+    """Best reward so far against trials: each seed thin, the mean of the seeds thick."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (strategy, runs), colour in zip(curves.items(), ("tab:gray", "tab:green", "tab:blue")):
+        n = min(len(r) for r in runs)
+        for r in runs:
+            ax.plot(range(1, len(r) + 1), r, color=colour, alpha=0.3, lw=0.8)
+        ax.plot(range(1, n + 1), [statistics.mean(r[i] for r in runs) for i in range(n)], color=colour, lw=2.2,
+                label=f"{strategy} (mean of {len(runs)} seeds)")
+    ax.set(xlabel="trials", ylabel="best reward so far", title=f"strategies side by side, oracle {tag}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 def main() -> None:
@@ -200,7 +233,8 @@ def main() -> None:
                         help="a supernet folder as the strategies' oracle, over its own space (hundreds of "
                              "trials in the time of a few proxy trainings), e.g. "
                              "bench/results/supernet_rank/supernet")
-    parser.add_argument("--strategy-seed", type=int, default=0, help="seed of the strategies' samplers")
+    parser.add_argument("--strategy-seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="seeds of the strategies' samplers: each strategy runs once per seed (default 0 1 2)")
     parser.add_argument("--threads", type=int, default=2,
                         help="intra-op threads of the proxy and final trainings (default 2; 1 leaves a core free)")
     parser.add_argument("--skip-strategies", action="store_true")
@@ -255,12 +289,21 @@ def main() -> None:
 
 
 def print_strategies(args) -> None:
-    srows = strategies(args)
-    print(f"\n{'strategy':<11}{'trials':>7}{'best reward':>13}{'best at N/2':>13}{'mean of last 10':>17}")
+    srows, curves = strategies(args)
+    tag = strategy_oracle(args)[0]
+    print(f"\nstrategies side by side: {args.strategy_trials} trials each, seeds {args.strategy_seeds}, oracle {tag}")
+    print(f"{'strategy':<11}{'seed':>5}{'trials':>7}{'best reward':>13}{'at N/4':>9}{'at N/2':>9}{'best acc':>10}{'its ms':>8}")
     for r in srows:
-        print(f"{r['strategy']:<11}{r['trials']:>7}{r['best_reward']:>13.4f}{r['best_after_half']:>13.4f}"
-              f"{r['mean_last_10']:>17.4f}")
-    write_csv(f"search_strategies_{strategy_oracle(args)[0]}.csv", srows)
+        print(f"{r['strategy']:<11}{r['seed']:>5}{r['trials']:>7}{r['best_reward']:>13.4f}{r['best_after_quarter']:>9.4f}"
+              f"{r['best_after_half']:>9.4f}{r['best_accuracy']:>10.4f}{r['best_predicted_ms']:>8.3f}")
+    print(f"{'mean':<11}{'':>5}{'':>7}{'best reward':>13}{'at N/4':>9}{'at N/2':>9}")
+    for strategy in curves:
+        mine = [r for r in srows if r["strategy"] == strategy]
+        print(f"{strategy:<11}{'':>5}{'':>7}" + "".join(
+            f"{statistics.mean(r[k] for r in mine):>{w}.4f}"
+            for k, w in (("best_reward", 13), ("best_after_quarter", 9), ("best_after_half", 9))))
+    write_csv(f"search_strategies_{tag}.csv", srows)
+    plot_strategies(curves, RESULTS / f"search_strategies_{tag}.png", tag)
 
 
 if __name__ == "__main__":
