@@ -259,14 +259,17 @@ def plot(rows, stats, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax = plt.subplots(figsize=(6, 5))
     sc = ax.scatter([r["alone_top1"] for r in rows], [r["supernet_top1"] for r in rows],
                     c=[r["predicted_ms"] for r in rows], cmap="viridis",
                     marker="o", edgecolors=["red" if r["group"] == "band" else "none" for r in rows])
     fig.colorbar(sc, label="predicted latency (ms, ONNX Runtime, 1 thread)")
     ax.set(xlabel="held-out top-1, trained alone (proxy recipe)", ylabel="held-out top-1, supernet estimate",
            title=f"Kendall tau {stats['tau_all']:.2f} (all {stats['n_all']}), {stats['tau_band']:.2f} "
-                 f"(the {stats['n_band']} within ±10%)\nred rims: the networks drawn for the band")
+                 f"(the {stats['n_band']} within ±10%)" + (
+                     f"\nthe proxy against itself (seed 0 vs 1): {stats['tau_all_seed0_vs_seed1']:.2f}, "
+                     f"{stats['tau_band_seed0_vs_seed1']:.2f}" if "tau_all_seed0_vs_seed1" in stats else "")
+                 + "\nred rims: the networks drawn for the band")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
