@@ -168,30 +168,30 @@ def best_so_far(out: Path) -> list[float]:
 def strategies(args) -> tuple[list[dict], dict[str, list[list[float]]]]:
     """ppo, evolution and random side by side: the same trials, the same cheap oracle, each with
     every seed of --strategy-seeds (a strategy's luck on one seed says little)."""
-    rows, curves = [], {}
+    rows, curves = [], {strategy: [] for strategy in ("random", "evolution", "ppo")}
     tag, oracle = strategy_oracle(args)
-    for strategy in ("random", "evolution", "ppo"):
-        curves[strategy] = []
-        for seed in args.strategy_seeds:
-            out = OUT / (f"strategy-{strategy}-{tag}" + (f"-s{seed}" if seed else ""))
-            cmd = ["search", *oracle, "--runtime", RUNTIME, "--target-of", "mobilenet_v3_small", "--target-width",
-                   "0.75", "--strategy", strategy, "--trials", str(args.strategy_trials), "--out", str(out),
-                   "--no-progress", "--final-k", "1", "--references", "--json", "--threads", str(args.threads),
-                   "--seed", str(seed)]
-            if strategy == "evolution":
-                cmd += ["--population", str(max(4, args.strategy_trials // 3))]
-            log(f"strategy {strategy}, seed {seed}: {args.strategy_trials} trials ({tag})")
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                failed = mnv3_main(cmd) != 0
-            if failed:
-                sys.exit(f"strategy {strategy} failed (run `mnv3 {' '.join(cmd)}` to see why)")
-            summary = json.loads((out / "summary.json").read_text())
-            best = best_so_far(out)
-            curves[strategy].append(best)
-            rows.append({"strategy": strategy, "seed": seed, "trials": len(best), "best_reward": best[-1],
-                         "best_accuracy": summary["accuracy"], "best_predicted_ms": summary["predicted_ms"],
-                         "best_after_quarter": best[len(best) // 4 - 1], "best_after_half": best[len(best) // 2 - 1],
-                         "oracle": tag})
+    # seed by seed, the three strategies each: a run cut short still compares them
+    for seed, strategy in itertools.product(args.strategy_seeds, curves):
+        out = OUT / (f"strategy-{strategy}-{tag}" + (f"-s{seed}" if seed else ""))
+        cmd = ["search", *oracle, "--runtime", RUNTIME, "--target-of", "mobilenet_v3_small", "--target-width",
+               "0.75", "--strategy", strategy, "--trials", str(args.strategy_trials), "--out", str(out),
+               "--no-progress", "--final-k", "1", "--references", "--json", "--threads", str(args.threads),
+               "--seed", str(seed)]
+        if strategy == "evolution":
+            cmd += ["--population", str(max(4, args.strategy_trials // 3))]
+        log(f"strategy {strategy}, seed {seed}: {args.strategy_trials} trials ({tag})")
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            failed = mnv3_main(cmd) != 0
+        if failed:
+            sys.exit(f"strategy {strategy} failed (run `mnv3 {' '.join(cmd)}` to see why)")
+        summary = json.loads((out / "summary.json").read_text())
+        best = best_so_far(out)
+        curves[strategy].append(best)
+        rows.append({"strategy": strategy, "seed": seed, "trials": len(best), "best_reward": best[-1],
+                     "best_accuracy": summary["accuracy"], "best_predicted_ms": summary["predicted_ms"],
+                     "best_after_quarter": best[len(best) // 4 - 1], "best_after_half": best[len(best) // 2 - 1],
+                     "oracle": tag})
+    rows.sort(key=lambda r: (list(curves).index(r["strategy"]), r["seed"]))
     return rows, curves
 
 
