@@ -230,7 +230,7 @@ def test_search_splits_hold_out_training_images_and_never_the_test_split():
 
 # -- mnv3 search end to end ----------------------------------------------------------------------------
 
-QUICK = ["--proxy-epochs", "1", "--proxy-subset", "160", "--no-progress", "--final-k", "2", "--references"]
+QUICK = ["--proxy-epochs", "1", "--proxy-subset", "160", "--no-progress", "--final-k", "2", "--references", "none"]
 
 
 @pytest.fixture(scope="module")
@@ -289,6 +289,7 @@ def test_search_measure_end_to_end_then_train_the_winner(space_file, tmp_path, c
     (["--w", "0.5"], "negative exponent"),
     (["--trials", "0"], "at least 1"),
     (["--classes", "0"], "--classes 0: a classifier needs 1 class or more"),
+    (["--references", "none", "0.5"], "give it alone"),
 ])
 def test_search_bad_input_is_one_line(extra, message, space_file, tmp_path, capsys):
     argv = ["search", "--space", str(space_file), "--latency", "measure", "--out", str(tmp_path / "run"),
@@ -298,6 +299,13 @@ def test_search_bad_input_is_one_line(extra, message, space_file, tmp_path, caps
     assert code == 2, err
     last = err.strip().splitlines()[-1]
     assert last.startswith("error:") and message in last and "Traceback" not in err
+
+
+def test_a_bad_reference_width_is_refused_before_the_search(space_file, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["search", "--space", str(space_file), "--out", str(tmp_path / "run"), *QUICK, "--references", "wide"])
+    assert exit_.value.code == 2 and "expected a width above 0" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_study_of_another_space_is_refused(space_file, tmp_path, capsys):

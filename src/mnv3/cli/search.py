@@ -90,9 +90,10 @@ def register(sub) -> None:
                    help="threads of the runtime the latency is for (default 1, as the table)")
     g.add_argument("--final-k", type=int, default=5, metavar="K",
                    help="best networks measured end to end at the end, with the references (default 5)")
-    g.add_argument("--references", type=float, nargs="*", default=None, metavar="W",
+    g.add_argument("--references", type=_reference_width, nargs="*", default=None, metavar="W",
                    help="widths of the seed family trained and measured as reference points "
-                        "(default 0.5 0.75 1.0 when the seed is a preset; none: leave out)")
+                        "(default 0.5 0.75 1.0 when the seed is a preset; `--references none`, or the "
+                        "flag alone: leave them out)")
     g = p.add_argument_group("run")
     add_output(p, "--out", kind="dir", metavar="DIR", help="run folder (default runs/search-TIME)")
     g.add_argument("--storage", metavar="URL",
@@ -106,6 +107,19 @@ def register(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_json(p, "best, accuracy, predicted_ms, measured_ms, reward, trials, out")
     p.set_defaults(func=cmd_search)
+
+
+def _reference_width(text: str) -> float | str:
+    """A width of --references, or `none` (checked when the arguments are read, not after the search)."""
+    if text.lower() == "none":
+        return "none"
+    try:
+        width = float(text)
+    except ValueError:
+        width = float("nan")
+    if not width > 0:
+        raise argparse.ArgumentTypeError(f"expected a width above 0 (0.5, 0.75, ...) or none, got {text!r}")
+    return width
 
 
 def fit(spec, resolution: int, total_stride: int | None):
@@ -232,6 +246,10 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise SearchError("--trials, --final-k and --proxy-epochs must be at least 1")
     if args.target_ms is not None and args.target_of is not None:
         raise SearchError("--target-ms and --target-of both set a target: give one")
+    if args.references and "none" in args.references:
+        if len(args.references) > 1:
+            raise SearchError("--references: none leaves the reference networks out; give it alone, or widths")
+        args.references = []
     check_threads(args.runtime_threads)
     apply_threads(args.threads)
     import optuna
