@@ -515,6 +515,10 @@ def test_segment_cli_bad_input_is_one_line(camvid_tiny, tmp_path, capsys):
     code, _, err = run(capsys, "train", "--task", "segment", "--data", camvid_tiny, "--out", tmp_path / "r",
                        "--no-progress")
     assert code == 2 and "values [11]" in err and "--ignore-index" in err and "Traceback" not in err
+    # a bad recipe flag is named first, before the masks are read (these ones would fail too)
+    code, _, err = run(capsys, "train", "--task", "segment", "--data", camvid_tiny, "--out", tmp_path / "r",
+                       "--seg-class-weights", "foo", "--no-progress")
+    assert code == 2 and "seg_class_weights: expected none, enet or median" in err and "values [11]" not in err
     with pytest.raises(SystemExit) as exit_code:
         run(capsys, "train", "--task", "segment", "--head", "deeplab", "--data", camvid_tiny)
     assert exit_code.value.code == 2 and "invalid choice: 'deeplab'" in capsys.readouterr().err

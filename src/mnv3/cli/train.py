@@ -109,11 +109,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
     return changes
 
 
-def _recipe_and_out(args: argparse.Namespace, default_recipe: str, data_set, arch_name: str,
-                    head: str | None = None) -> tuple[Recipe, str, bool]:
-    """The recipe (--recipe, the resumed run's, or `default_recipe`, with the flags applied), the run
-    folder (--out, or runs/DATA-[HEAD-]ARCH) and whether this is the process that reports."""
-    from mnv3.files import check_writable
+def _recipe(args: argparse.Namespace, default_recipe: str) -> Recipe:
+    """--recipe, the resumed run's, or `default_recipe`, with the flags applied (a bad value is a
+    RecipeError here, so the dense tasks call it before opening and checking their data)."""
     from mnv3.train.classify import saved_recipe
 
     if args.recipe:
@@ -122,7 +120,16 @@ def _recipe_and_out(args: argparse.Namespace, default_recipe: str, data_set, arc
         recipe = saved_recipe(args.out)
     else:
         recipe = load_recipe(default_recipe)
-    recipe = recipe.override(_overrides(args))
+    return recipe.override(_overrides(args))
+
+
+def _recipe_and_out(args: argparse.Namespace, default_recipe: str | Recipe, data_set, arch_name: str,
+                    head: str | None = None) -> tuple[Recipe, str, bool]:
+    """The recipe (`_recipe`, or the one given), the run folder (--out, or runs/DATA-[HEAD-]ARCH)
+    and whether this is the process that reports."""
+    from mnv3.files import check_writable
+
+    recipe = default_recipe if isinstance(default_recipe, Recipe) else _recipe(args, default_recipe)
     name = str(arch_name).rsplit("/", 1)[-1].removesuffix(".json")
     out = args.out or f"runs/{data_set.name}-{head + '-' if head else ''}{name}"
     if not args.out:
@@ -216,9 +223,10 @@ def _train_segment(args: argparse.Namespace, earlier: dict) -> int:
     head = args.head or earlier.get("head") or "lraspp"
     arch = _arch(args, earlier, "mobilenet_v3_large")
     weights = args.weights or earlier.get("weights")
+    recipe = _recipe(args, "segment")      # a bad flag is reported before every mask is read
     data_set = open_masks(data, ignore, progress=not args.no_progress)
     recipe, out, main = _recipe_and_out(
-        args, "segment", data_set, getattr(arch, "name", arch) or ("weights" if weights else "mobilenet_v3_large"),
+        args, recipe, data_set, getattr(arch, "name", arch) or ("weights" if weights else "mobilenet_v3_large"),
         head)
     result = train_segment(data_set, out, head=head, size=size, arch=arch, weights=weights, recipe=recipe,
                            resume=args.resume, workers=args.workers, checkpoint_steps=args.checkpoint_steps, eval_every=args.eval_every,
@@ -252,9 +260,10 @@ def _train_detect(args: argparse.Namespace, earlier: dict) -> int:
     weights = args.weights or earlier.get("weights")
     reduced = bool(args.reduced_tail if args.reduced_tail is not None else earlier.get("reduced_tail"))
     skip_bad = bool(args.skip_bad_boxes if args.skip_bad_boxes is not None else earlier.get("skip_bad"))
+    recipe = _recipe(args, "detect")       # a bad flag is reported before the annotations are read
     data_set = open_boxes(data, skip_bad=skip_bad)
     recipe, out, main = _recipe_and_out(
-        args, "detect", data_set, getattr(arch, "name", arch) or ("weights" if weights else "mobilenet_v3_large"),
+        args, recipe, data_set, getattr(arch, "name", arch) or ("weights" if weights else "mobilenet_v3_large"),
         "ssdlite")
     result = train_detect(data_set, out, size=size, arch=arch, weights=weights, reduced=reduced, recipe=recipe,
                           resume=args.resume, workers=args.workers, checkpoint_steps=args.checkpoint_steps, eval_every=args.eval_every,
