@@ -164,9 +164,12 @@ def test_supernet_train_writes_a_supernet_and_resumes_after_sigkill(trained, spa
                              "--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     kill_in_second_epoch(proc, killed, lambda p: os.kill(p.pid, signal.SIGKILL))
     assert not (killed / "supernet.safetensors").exists()
-    code, _, err = run(capsys, "supernet", "train", "--out", killed, "--resume", "--threads", "1", "--no-progress")
+    code, out, err = run(capsys, "supernet", "train", "--out", killed, "--resume", "--threads", "1", "--no-progress",
+                         "--json")
     assert code == 0, err
     assert "resuming" in err
+    doc = json.loads(out)       # stdout is the one JSON document, everything else went to stderr
+    assert doc["supernet"] == str(killed / "supernet.safetensors") and 0 <= doc["top1_largest"] <= 1
     for a, b in zip(rows, metrics(killed)):
         for key in ("train_loss", "val_loss", "val_top1", "val_top1_smallest"):
             assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-4, abs=1e-5), key
