@@ -742,33 +742,21 @@ def _float_sides(nodes: list) -> list[str]:
     """Where each of `nodes` (a graph's, in order) sits against the integer graph: `before` it (no
     QuantizeLinear upstream: the float input side, the stem when it stays float), `after` it (no
     QuantizeLinear downstream), or `inside` (a float island between a dequantize and a quantize,
-    paying for both)."""
-    producer = {o: i for i, n in enumerate(nodes) for o in n.output}
-    readers: dict[str, list[int]] = {}
-    for i, n in enumerate(nodes):
-        for t in n.input:
-            readers.setdefault(t, []).append(i)
-
-    def reaches(start: int, step) -> bool:
-        seen, todo = set(), list(step(start))
-        while todo:
-            i = todo.pop()
-            if i in seen:
-                continue
-            seen.add(i)
-            if nodes[i].op_type == "QuantizeLinear":
-                return True
-            todo.extend(step(i))
-        return False
-
-    def up(i: int) -> list[int]:
-        return [producer[t] for t in nodes[i].input if t in producer]
-
-    def down(i: int) -> list[int]:
-        return [r for o in nodes[i].output for r in readers.get(o, [])]
-
-    return ["before" if not reaches(i, up) else "after" if not reaches(i, down) else "inside"
-            for i in range(len(nodes))]
+    paying for both). ONNX keeps nodes in topological order, so one pass each way decides it."""
+    quantized: set[str] = set()          # tensors with a QuantizeLinear upstream (or made by one)
+    upstream = []
+    for n in nodes:
+        upstream.append(any(t in quantized for t in n.input))
+        if upstream[-1] or n.op_type == "QuantizeLinear":
+            quantized.update(n.output)
+    feeds: set[str] = set()              # tensors read by a QuantizeLinear, directly or further down
+    downstream = [False] * len(nodes)
+    for i in range(len(nodes) - 1, -1, -1):
+        n = nodes[i]
+        downstream[i] = any(t in feeds for t in n.output)
+        if downstream[i] or n.op_type == "QuantizeLinear":
+            feeds.update(n.input)
+    return ["before" if not up else "after" if not down else "inside" for up, down in zip(upstream, downstream)]
 
 
 def read_metadata(path: str | Path) -> dict | None:
