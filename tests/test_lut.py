@@ -20,7 +20,14 @@ import pytest
 import mnv3
 from mnv3.cli import main
 from mnv3.latency import LatencyError, Timing, get_runtime
-from mnv3.latency.lut import Predictor, _reference_part, build_table, network_parts, space_parts
+from mnv3.latency.lut import (
+    TABLE_PROTOCOL,
+    Predictor,
+    _reference_part,
+    build_table,
+    network_parts,
+    space_parts,
+)
 from mnv3.latency.table import LatencyTable
 from mnv3.space import SearchSpace
 
@@ -80,18 +87,27 @@ def test_build_lookup_resume_and_predict(tmp_path, capsys):
     parts = space_parts(space)
     n_entries = len(parts)
     # a fresh table says so (its reference part, measured first, does not make it look resumed)
-    assert logs.pop().startswith(f"fresh table: {n_entries} entries to measure in 3 passes (space {space.key()}")
+    assert logs.pop().startswith(f"fresh table: {n_entries} entries to measure in 3 passes, the heaviest in 6 "
+                                 f"(space {space.key()}")
     # The progress bar counts entries as measure_all reports them, a whole group at a time (here a
     # chunk of 8): no ETA before the first group, and never one entry standing for a group's time.
+    # The heavy entries' three more passes join the count when the first three are done.
     frames = re.findall(r"lut build:[^\r\n]*?(\d+)/(\d+) \[[^<]*<([^,\]]*)", capsys.readouterr().err)
-    per_pass = n_entries - 1                            # the reference part is measured whole, apart
+    per_pass, heavy = n_entries - 1, first["heavy"]     # the reference part is measured whole, apart
     ends = {p * per_pass + min(c, per_pass) for p in range(3) for c in range(8, per_pass + 8, 8)}
-    assert frames[0][0] == "0" and frames[0][2] == "?" and int(frames[-1][0]) == 3 * per_pass
+    ends |= {3 * per_pass + p * heavy + min(c, heavy) for p in range(3) for c in range(8, heavy + 8, 8)}
+    assert frames[0][0] == "0" and frames[0][2] == "?" and int(frames[-1][0]) == 3 * per_pass + 3 * heavy
     assert {int(n) for n, _, _ in frames[1:]} <= ends
     assert first["entries"] == len(parts) and first["measured"] == len(parts)
     stored = table.get(first["env"])
     assert set(stored) == {p.key for p in parts}
     assert all(t.runs >= 50 and t.p10_ms <= t.median_ms <= t.p90_ms for t in stored.values())
+    # the heavy entries (at least a fifth of a typical network) got twice the runs, the others not
+    from mnv3.latency.lut import heavy_parts
+
+    heavy_keys = {p.key for p in heavy_parts(space, parts, stored)}
+    assert 0 < len(heavy_keys) == heavy < len(parts) // 2
+    assert all((t.runs >= 100) == (k in heavy_keys) for k, t in stored.items() if k != _reference_part(space, 1).key)
 
     again = build_table(space, runtime, table, progress=False, log=logs.append)
     assert logs.pop().startswith(f"complete: all {n_entries} entries are in the table")
@@ -226,9 +242,10 @@ def test_lut_build_killed_then_resumed(tmp_path, capsys):
     with sqlite3.connect(db) as conn:
         after = dict(conn.execute("select key, runs from latency_entries").fetchall())
     assert len(after) == total
-    # Every entry got exactly three passes of 18 runs: the first pass of those measured before the
-    # kill was kept and pooled with the next two, not measured again.
-    assert {k: v for k, v in after.items() if k != unit} == {k: 54 for k in after if k != unit}
+    # Every entry got exactly three passes of 18 runs, the heavy ones six: the first pass of those
+    # measured before the kill was kept and pooled with the next, not measured again.
+    runs = [v for k, v in after.items() if k != unit]
+    assert sorted(runs) == [54] * (total - 1 - out["heavy"]) + [108] * out["heavy"] and out["heavy"] > 0
 
     assert main(["lut", "validate", "--runtime", "onnxruntime", "--space", str(space_file),
                  "--db", f"sqlite:///{db}", "--n", "3", "--plot", str(tmp_path / "v.png"),
@@ -326,9 +343,12 @@ def test_missing_table_lists_the_tables_the_database_holds(tmp_path):
     envs = [dataclasses.replace(here, cpu="Other CPU", cores=64), dataclasses.replace(here, runtime_version="0.1"),
             dataclasses.replace(here, threads=2), dataclasses.replace(here, runtime="litert")]
     for env in envs:
-        table.put(env.key(), [("stem:x", Timing(1.0, 0.9, 1.1, 50))])
-        table.set_calibration(env.key(), space.key(), calibration)
-    table.put(dataclasses.replace(here, resolution=64).key(), [("stem:y", Timing(1.0, 0.9, 1.1, 50))])
+        table.put(f"{env.key()}|{TABLE_PROTOCOL}", [("stem:x", Timing(1.0, 0.9, 1.1, 50))])
+        table.set_calibration(f"{env.key()}|{TABLE_PROTOCOL}", space.key(), calibration)
+    table.put(f"{dataclasses.replace(here, resolution=64).key()}|{TABLE_PROTOCOL}", [("stem:y", Timing(1.0, 0.9, 1.1, 50))])
+    # this very table, timed with the protocol before TABLE_PROTOCOL: not used, and said why
+    table.put(here.key(), [("stem:x", Timing(1.0, 0.9, 1.1, 50))])
+    table.set_calibration(here.key(), space.key(), calibration)
     with pytest.raises(MissingTable) as caught:
         Predictor(space, runtime, table)
     same = "the same --space at --resolution"
@@ -336,10 +356,10 @@ def test_missing_table_lists_the_tables_the_database_holds(tmp_path):
         f"the table database {table.url} has no onnxruntime table for this space ({space.key()}) at --resolution "
         f"32 with --threads 1, batch 1, on this machine; it holds tables for: 1 entry not yet calibrated (a "
         f"build that stopped or still runs) at --resolution 64 with --threads 1; {same} 32 with --threads 2 "
-        f"(pass --threads 2); {same} 32 with --threads 1, onnxruntime 0.1, not the installed "
-        f"{here.runtime_version}; {same} 32 with --threads 1, measured on Other CPU with 64 cores, and tables "
-        f"are per machine; or build this one: mnv3 lut build --runtime onnxruntime --space SPACE --resolution 32 "
-        f"--db {table.url}")
+        f"(pass --threads 2); {same} 32 with --threads 1, timed with the older protocol (reference bursts of 3 "
+        f"calls, which read large blocks up to 20% fast), so build it anew; {same} 32 with --threads 1, "
+        f"onnxruntime 0.1, not the installed {here.runtime_version}; and 1 more; or build this one: mnv3 lut build "
+        f"--runtime onnxruntime --space SPACE --resolution 32 --db {table.url}")
     assert caught.value.describe("space.json").endswith("--space space.json --resolution 32 --db " + table.url)
 
 
@@ -365,7 +385,7 @@ def test_a_space_for_another_class_count_times_its_own_heads(tmp_path):
 
     runtime = get_runtime("onnxruntime")
     table = LatencyTable(f"sqlite:///{tmp_path / 'lut.sqlite'}")
-    env = runtime.environment(1, 1, 32).key()
+    env = f"{runtime.environment(1, 1, 32).key()}|{TABLE_PROTOCOL}"
     table.put(env, [(p.key, Timing(0.1, 0.09, 0.11, 50)) for p in space_parts(space)])
     table.set_calibration(env, space.key(), {"a": 1.0, "b": 0.0, "space": space.to_dict()})
     with pytest.raises(MissingTable) as caught:

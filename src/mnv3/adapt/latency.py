@@ -22,7 +22,7 @@ import sys
 from collections.abc import Callable
 
 from mnv3.arch import ArchSpec
-from mnv3.latency.lut import Part, _sessions, network_parts
+from mnv3.latency.lut import TABLE_PROTOCOL, Part, _sessions, network_parts
 from mnv3.latency.protocol import BURST_MS, MIN_RUNS, interleaved_ratios, measure, measure_relative
 from mnv3.latency.runtimes import LatencyError, Runtime, latency_model
 from mnv3.latency.table import LatencyTable
@@ -43,7 +43,7 @@ class AdaptLatency:
         self.num_classes = num_classes       # the model's own classifier is what runs when deployed
         parts = network_parts(seed, batch, num_classes)
         self.ref_part = parts[1 + len(seed.blocks) // 2]
-        self.env = (f"{runtime.environment(threads, batch, seed.resolution).key()}"
+        self.env = (f"{runtime.environment(threads, batch, seed.resolution).key()}|{TABLE_PROTOCOL}"
                     f"|adapt-ref={self.ref_part.key}")
         self.reference = _sessions(runtime, [self.ref_part], threads)[0]
         have = self.table.get(self.env, [self.ref_part.key])
@@ -71,7 +71,8 @@ class AdaptLatency:
         for start in range(0, len(todo), 48):
             group = todo[start:start + 48]
             sessions = _sessions(self.runtime, group, self.threads)
-            timed = [(p.key, measure_relative(fn, self.reference, self.unit_ms, self.runs))
+            timed = [(p.key, measure_relative(fn, self.reference, self.unit_ms, self.runs,
+                                              reference_burst_ms=BURST_MS))
                      for p, fn in zip(group, sessions)]
             self.table.put(self.env, timed, replace=False)
             self.entries.update(self.table.get(self.env, [k for k, _ in timed]))
@@ -88,7 +89,8 @@ class AdaptLatency:
 
     def measure_seed(self, spec: ArchSpec) -> float:
         """The seed network end to end, timed against the reference part, in table units."""
-        return measure_relative(self._session(spec), self.reference, self.unit_ms, 2 * self.runs).median_ms
+        return measure_relative(self._session(spec), self.reference, self.unit_ms, 2 * self.runs,
+                                reference_burst_ms=BURST_MS).median_ms
 
     def anchor(self, seed: ArchSpec, seed_ms: float) -> None:
         """Time every later network against the seed itself (a reference of its own size: per-round

@@ -122,8 +122,25 @@ def space_parts(space: SearchSpace, batch: int = 1) -> list[Part]:
     return list(parts.values())
 
 
+# How entries are timed, part of a table's key so that tables of two protocols never mix their
+# entries. "p2" (2026-12): the reference part in bursts of BURST_MS. Before, it ran in bursts of 3
+# calls right after each burst of the entry; after a large block had swept the caches its first
+# calls were cold, so large blocks read up to 20% fast against it, by how much varying from one
+# measurement to the next (a 7x7 block at 112x112 on LiteRT read 17.0, 17.2 and 21.4 ms in three
+# measurements; with 10 ms reference bursts its ratio to the reference read 39.0 and 39.3, where
+# bursts of 3 read 36.2 and 34.0 and the two timed one after the other 37.3 and 38.6). Such
+# entries carried whole networks' predictions past 10%.
+TABLE_PROTOCOL = "p2"
+
+
 def _environment_key(runtime: Runtime, threads: int, batch: int, space: SearchSpace) -> str:
-    return runtime.environment(threads, batch, space.seed.resolution).key()
+    return f"{runtime.environment(threads, batch, space.seed.resolution).key()}|{TABLE_PROTOCOL}"
+
+
+def _parse_table_key(key: str) -> tuple[Environment | None, bool]:
+    """The environment a table's key names, and whether its entries were timed with this protocol."""
+    current = key.endswith("|" + TABLE_PROTOCOL)
+    return Environment.from_key(key[:-len(TABLE_PROTOCOL) - 1] if current else key), current
 
 
 class _Parallel(nn.Module):
@@ -176,6 +193,21 @@ def _onnx_models(parts: list[Part]) -> dict[str, bytes]:
 
 PASSES = 3
 CHECK_EVERY = 24          # entries between two checks of the drift guard's reference
+# An entry at least this share of a typical network of the space (the median sum of parts of random
+# networks) gets twice the passes. One such entry can be most of a network (on LiteRT a 7x7 block at
+# 112x112 was 88% of one), so its error is the network's; and a large block's time moves by 5-8%
+# from one session of it to the next (the same block in five fresh LiteRT sessions on a Xeon), so
+# three passes, three sessions, leave a few percent of luck in it. With the old protocol's fix
+# alone, that network was predicted 10.9% high and 39 of 40 stayed within ±10%.
+HEAVY_SHARE = 0.2
+
+
+def heavy_parts(space: SearchSpace, parts: list[Part], entries: dict[str, Timing], batch: int = 1) -> list[Part]:
+    """The parts whose entry is at least HEAVY_SHARE of a typical network's sum of parts."""
+    rng = random.Random(0)
+    sums = sorted(_sum_of_parts(space.sample(rng), entries, batch, space.num_classes) for _ in range(64))
+    typical = sums[len(sums) // 2]
+    return [p for p in parts if p.key in entries and entries[p.key].median_ms >= HEAVY_SHARE * typical]
 
 
 def build_table(space: SearchSpace, runtime: Runtime, table: LatencyTable, *, threads: int = 1,
@@ -190,8 +222,9 @@ def build_table(space: SearchSpace, runtime: Runtime, table: LatencyTable, *, th
     kinds of layers moves from minute to minute (on this VM a 7x7 depthwise block at 112x112 against
     a 3x3 one at 14x14 by ±13% between one-minute windows), so an entry timed in one go carries the
     state of that minute; three passes minutes apart average it out, for the same number of runs.
-    Every pass is committed as it goes: a resumed build continues with the entries that have fewer
-    runs than their pass needs."""
+    Then the heavy entries (`heavy_parts`) get as many passes again, with as many runs again. Every
+    pass is committed as it goes: a resumed build continues with the entries that have fewer runs
+    than their pass needs."""
     from tqdm import tqdm
 
     if isinstance(passes, bool) or not isinstance(passes, int) or not 1 <= passes <= runs // 3:
@@ -202,33 +235,46 @@ def build_table(space: SearchSpace, runtime: Runtime, table: LatencyTable, *, th
     have = table.get(env, [p.key for p in parts])
     per_pass = -(-runs // passes)
 
-    def short(p: Part, n: int) -> bool:          # needs more runs to finish pass n
-        return ref_part.key != p.key and (p.key not in have or have[p.key].runs < min(n * per_pass, runs))
+    def short(p: Part, n: int) -> bool:          # needs more runs to finish pass n (of 2 x passes for heavy ones)
+        return ref_part.key != p.key and (p.key not in have or have[p.key].runs < min(n * per_pass, runs * (
+            1 if n <= passes else 2)))
 
     left = {n: [p for p in parts if short(p, n)] for n in range(1, passes + 1)}
-    measured = len(left[passes]) + (ref_part.key not in have)
+    # the heavy entries are known once every entry has its first pass; until then they count as not done
+    heavy = heavy_parts(space, parts, have, batch) if not left[1] else None
+    extra = [p for p in heavy if short(p, 2 * passes)] if heavy is not None else []
+    measured = len(left[passes]) + (ref_part.key not in have) + len({p.key for p in extra} - {
+        p.key for p in left[passes]})
     where = f"space {space.key()} on {env}"
     if not have:
-        log(f"fresh table: {len(parts)} entries to measure in {passes} passes ({where})")
-    elif measured:
+        log(f"fresh table: {len(parts)} entries to measure in {passes} passes, the heaviest in {2 * passes} ({where})")
+    elif measured or heavy is None:
         log(f"resuming: {len(parts) - measured} of {len(parts)} entries complete, {measured} to measure "
             f"({where})")
     else:
         log(f"complete: all {len(parts)} entries are in the table ({where})")
-    work = sum(len(v) for v in left.values())
-    guard = None
-    if work or ref_part.key not in have:
+    work = sum(len(v) for v in left.values()) + sum(
+        len([p for p in extra if short(p, n)]) for n in range(passes + 1, 2 * passes + 1))
+    state: dict = {}
+
+    def setup() -> None:
+        """The reference part's session, the table's units and the drift guard, once there is work."""
+        if state:
+            return
         # Every entry is timed in alternation with one reference part and stored in the units of that
         # part's latency when the table was started (its own entry), so entries measured minutes or
         # sessions apart share one machine speed: on a drifting machine absolute medians of the same
         # part move by 25% or more, ratios by a few percent.
-        reference = _sessions(runtime, [ref_part], threads)[0]
+        state["reference"] = _sessions(runtime, [ref_part], threads)[0]
         if ref_part.key not in have:
             # The first machine to store it fixes the units; one that raced it adopts them.
-            table.put(env, [(ref_part.key, measure(reference, runs))], replace=False)
+            table.put(env, [(ref_part.key, measure(state["reference"], runs))], replace=False)
             have[ref_part.key] = table.get(env, [ref_part.key])[ref_part.key]
-        unit_ms = have[ref_part.key].median_ms
-        guard = DriftGuard(reference, runs=runs)
+        state["unit_ms"] = have[ref_part.key].median_ms
+        state["guard"] = DriftGuard(state["reference"], runs=runs)
+
+    if work or ref_part.key not in have:
+        setup()
     # The ETA is the average rate over the entries reported so far (smoothing=0), not tqdm's moving
     # average of the latest updates: measure_all reports a group of CHECK_EVERY entries at once, after
     # the group's drift check, and the first update, counted alone, carried the setup, the first
@@ -247,28 +293,43 @@ def build_table(space: SearchSpace, runtime: Runtime, table: LatencyTable, *, th
         return reported
 
     store: dict[str, bytes] = {}
-    for n in range(1, passes + 1):
-        todo = [p for p in parts if short(p, n)]         # again: the pass before may have been cut short
+
+    def run_pass(n: int, candidates: list[Part]) -> None:
+        todo = [p for p in candidates if short(p, n)]    # again: the pass before may have been cut short
         random.Random(n).shuffle(todo)      # every kind of entry spread over the pass
         for start in range(0, len(todo), chunk):
             group = todo[start:start + chunk]
             sessions = _sessions(runtime, group, threads, store)
             # The reference is re-checked every 24 entries; a drifted group is measured once more,
             # then the baseline moves (on a noisy machine, repeating until quiet would never end).
-            timings = measure_all(sessions, guard, runs=runs, check_every=CHECK_EVERY, max_repeats=1,
+            timings = measure_all(sessions, state["guard"], runs=runs, check_every=CHECK_EVERY, max_repeats=1,
                                   on_result=on_result(len(group)),
-                                  timer=lambda fn: measure_relative(fn, reference, unit_ms, per_pass,
-                                                                    minimum=per_pass))
+                                  timer=lambda fn: measure_relative(fn, state["reference"], state["unit_ms"],
+                                                                    per_pass, minimum=per_pass,
+                                                                    reference_burst_ms=BURST_MS))
             pooled = [(p.key, pool(have.get(p.key), t)) for p, t in zip(group, timings)]
             table.put(env, pooled)           # committed: resumable
             have.update(pooled)
+
+    for n in range(1, passes + 1):
+        run_pass(n, parts)
+    if heavy is None:           # the first passes just finished: now the heavy entries are known
+        heavy = heavy_parts(space, parts, have, batch)
+        extra = [p for p in heavy if short(p, 2 * passes)]
+        bar.total += len(extra) * passes
+        bar.refresh()
+        measured += len({p.key for p in extra} - {p.key for p in left[passes]})
+    if extra:
+        setup()
+        for n in range(passes + 1, 2 * passes + 1):
+            run_pass(n, extra)
     bar.close()
     calibration = table.calibration(env, space.key())
     if calibration is None or measured or calibration.get("burst_ms") != BURST_MS:    # or an older protocol's
         calibration = calibrate(space, runtime, table, threads=threads, batch=batch,
                                 n=calibration_networks, runs=runs, progress=progress)
-    return {"env": env, "entries": len(parts), "measured": measured, "passes": passes, "calibration": calibration,
-            "drifts": guard.drifts if guard else 0}
+    return {"env": env, "entries": len(parts), "measured": measured, "passes": passes, "heavy": len(heavy),
+            "calibration": calibration, "drifts": state["guard"].drifts if state else 0}
 
 
 def _sum_of_parts(spec: ArchSpec, entries: dict[str, Timing], batch: int, num_classes: int = NUM_CLASSES) -> float:
@@ -295,6 +356,31 @@ def _reference_part(space: SearchSpace, batch: int) -> Part:
 # Networks measured side by side in one interleaved run (`_measure_networks`): all of them are open
 # at once, so memory grows with the group.
 NETWORK_GROUP = 48
+# Sessions of the reference network that end-to-end measurements take turns with, one per round. Two
+# sessions of one network run at speeds a few percent apart, for as long as they live (on ONNX
+# Runtime, one of four sessions of a V3-Large-space network 2.5% slower than the others, in two
+# measurements; on LiteRT, one block 5-8% apart between sessions). Every end-to-end latency is a
+# ratio to the reference network, so one session's luck moved all of a validation run's networks
+# alike against its calibration's: 40 networks on ONNX Runtime came out 3.4% above their
+# predictions on average, two of them past +10%. Taking turns averages the luck of several sessions.
+REFERENCE_SESSIONS = 3
+
+
+class _Rotation:
+    """Several sessions of one network, called as one: `advance()` moves to the next (each round of
+    an interleaved run, so that every session is timed in bursts as long as one session's)."""
+
+    def __init__(self, sessions: list[Callable[[], object]]) -> None:
+        self.sessions, self.turn = sessions, 0
+        for session in sessions:        # each warmed, not only the one the run starts with
+            for _ in range(3):
+                session()
+
+    def __call__(self) -> object:
+        return self.sessions[self.turn]()
+
+    def advance(self) -> None:
+        self.turn = (self.turn + 1) % len(self.sessions)
 
 
 def _measure_networks(specs: list[ArchSpec], runtime: Runtime, threads: int, batch: int, runs: int,
@@ -317,7 +403,8 @@ def _measure_networks(specs: list[ArchSpec], runtime: Runtime, threads: int, bat
     # calibration and the validation; the conversion (about 30 s a network with litert-torch, kept
     # in the cache afterwards) costs more than the extra runs anyway.
     rounds = -(-2 * runs // 3)
-    reference = runtime.session(_reference_network(space), threads=threads, batch=batch)
+    reference = _Rotation([runtime.session(_reference_network(space), threads=threads, batch=batch)
+                           for _ in range(REFERENCE_SESSIONS)])
     part_session = _sessions(runtime, [part], threads)[0] if reference_ms is None else None
     ratios: list[list[float]] = []
     part_ratios: list[float] = []
@@ -329,8 +416,8 @@ def _measure_networks(specs: list[ArchSpec], runtime: Runtime, threads: int, bat
         fns = sessions + ([part_session] if part_session else [])
         with tqdm(total=rounds, desc=f"{desc}: time {len(group)} networks", unit="round",
                   disable=not progress, file=sys.stderr) as bar:
-            got = interleaved_ratios(fns, reference, rounds, 3, on_round=lambda r: bar.update(),
-                                     burst_ms=BURST_MS)
+            got = interleaved_ratios(fns, reference, rounds, 3, burst_ms=BURST_MS,
+                                     on_round=lambda r: (bar.update(), reference.advance()))
         ratios += got[:len(group)]
         part_ratios += got[len(group):][0] if part_session else []
         del sessions, fns
@@ -462,27 +549,29 @@ class MissingTable(LatencyError):
         w, build = self.wanted, self.build_command(space_arg)
         if not self.tables:
             return f"the table database {self.url} holds no lookup table yet; build one first: {build}"
-        envs = [(Environment.from_key(t["env"]), t) for t in self.tables]
-        mine = [(e, t) for e, t in envs if e is not None and e.runtime == w.runtime]
+        envs = [(*_parse_table_key(t["env"]), t) for t in self.tables]
+        mine = [(e, current, t) for e, current, t in envs if e is not None and e.runtime == w.runtime]
         if not mine:
-            others = sorted({e.runtime for e, _ in envs if e is not None})
+            others = sorted({e.runtime for e, _, _ in envs if e is not None})
             held = f" (it holds {', '.join(others)} tables)" if others else ""
             return f"the table database {self.url} has no {w.runtime} table{held}; build one first: {build}"
         mine.sort(key=lambda et: ((et[0].cpu, et[0].cores) != (w.cpu, w.cores),
-                                  et[0].runtime_version != w.runtime_version, et[0].key()))
-        found = [text for e, t in mine for text in self._held(e, t)]
+                                  et[0].runtime_version != w.runtime_version, not et[1], et[0].key()))
+        found = [text for e, current, t in mine for text in self._held(e, current, t)]
         shown = "; ".join(found[:4]) + (f"; and {len(found) - 4} more" if len(found) > 4 else "")
         return (f"the table database {self.url} has no {w.runtime} table for this space ({self.space.key()}) "
                 f"at --resolution {w.resolution} with --threads {w.threads}, batch {w.batch}, on this "
                 f"machine; it holds {'one for ' if len(found) == 1 else 'tables for: '}{shown}; "
                 f"or build this one: {build}")
 
-    def _held(self, env: Environment, table: dict) -> list[str]:
+    def _held(self, env: Environment, current: bool, table: dict) -> list[str]:
         """One description per calibrated space of one environment's table, with what to pass."""
         w = self.wanted
         flags = [f"--resolution {env.resolution}"] if env.resolution != w.resolution else []
         flags += [f"--threads {env.threads}"] if env.threads != w.threads else []
-        notes = [f"batch {env.batch}"] if env.batch != w.batch else []
+        old = "timed with the older protocol (reference bursts of 3 calls, which read large blocks up to 20% fast)"
+        notes = [] if current else [old + ", so build it anew"]
+        notes += [f"batch {env.batch}"] if env.batch != w.batch else []
         notes += [env.dtype] if env.dtype != w.dtype else []
         if env.runtime_version != w.runtime_version:
             notes.append(f"{env.runtime} {env.runtime_version}, not the installed {w.runtime_version}")

@@ -81,7 +81,7 @@ class Interleaved:
 def interleave(fns: Sequence[Callable[[], object]], reference: Callable[[], object], rounds: int,
                burst: int = 3, clock: Callable[[], float] = time.perf_counter, minimum: int = MIN_RUNS,
                on_round: Callable[[int], None] | None = None, warmup: int = 3,
-               burst_ms: float = 0.0) -> Interleaved:
+               burst_ms: float = 0.0, reference_burst_ms: float | None = None) -> Interleaved:
     """Time each function in alternation with `reference`. Every round times each function in turn,
     a burst of `burst` calls followed by a burst of the reference, and records the ratio of the two
     bursts' medians: the samples of every function are spread over the whole call, a machine whose
@@ -91,9 +91,13 @@ def interleave(fns: Sequence[Callable[[], object]], reference: Callable[[], obje
     reference) come first. With `burst_ms`, a function's bursts (and the reference's) are as many
     calls as last that long, at least `burst` and at most `MAX_BURST`, from its warm time (the
     fastest of three calls in a row after the warm-up): a burst of a short function then outlasts
-    its first cold calls (`BURST_MS`)."""
-    if not math.isfinite(burst_ms) or burst_ms < 0:
-        raise LatencyError(f"burst_ms: expected a finite number of milliseconds >= 0, got {burst_ms!r}")
+    its first cold calls (`BURST_MS`). `reference_burst_ms` sets the reference's bursts alone (by
+    default `burst_ms`): a lookup table's short reference part, timed in bursts of 3 calls right
+    after a block that has swept the caches, reads slow, so large blocks read fast against it."""
+    reference_burst_ms = burst_ms if reference_burst_ms is None else reference_burst_ms
+    for name, value in (("burst_ms", burst_ms), ("reference_burst_ms", reference_burst_ms)):
+        if not math.isfinite(value) or value < 0:
+            raise LatencyError(f"{name}: expected a finite number of milliseconds >= 0, got {value!r}")
     if rounds * burst < minimum:
         raise LatencyError(f"rounds x burst: the protocol times at least {minimum} runs, got {rounds * burst}")
 
@@ -108,15 +112,15 @@ def interleave(fns: Sequence[Callable[[], object]], reference: Callable[[], obje
             fn()
             reference()
 
-    def length(f: Callable[[], object]) -> int:
-        """Calls in a burst of `f`, from its warm time: the fastest of three calls in a row (the first
-        may be cold, and one call may meet another job)."""
-        if burst_ms <= 0:
+    def length(f: Callable[[], object], ms: float) -> int:
+        """Calls in a burst of `f` lasting `ms`, from its warm time: the fastest of three calls in a
+        row (the first may be cold, and one call may meet another job)."""
+        if ms <= 0:
             return burst
         warm = min(timed(f, []) for _ in range(3))
-        return max(burst, min(MAX_BURST, math.ceil(burst_ms / max(warm, 1e-6))))
+        return max(burst, min(MAX_BURST, math.ceil(ms / max(warm, 1e-6))))
 
-    bursts, ref_burst = [length(fn) for fn in fns], length(reference)
+    bursts, ref_burst = [length(fn, burst_ms) for fn in fns], length(reference, reference_burst_ms)
     ratios: list[list[float]] = [[] for _ in fns]
     samples: list[list[float]] = [[] for _ in fns]
     ref_samples: list[float] = []
@@ -159,8 +163,9 @@ def measure_side_by_side(fns: Sequence[Callable[[], object]], runs: int = MIN_RU
 
 
 def _ratios(fn: Callable[[], object], reference: Callable[[], object], rounds: int, burst: int,
-            clock: Callable[[], float], minimum: int = MIN_RUNS) -> list[float]:
-    return interleaved_ratios([fn], reference, rounds, burst, clock, minimum)[0]
+            clock: Callable[[], float], minimum: int = MIN_RUNS, reference_burst_ms: float = 0.0) -> list[float]:
+    return interleave([fn], reference, rounds, burst, clock, minimum,
+                      reference_burst_ms=reference_burst_ms).ratios[0]
 
 
 def measure_ratio(fn: Callable[[], object], reference: Callable[[], object], rounds: int = 20,
@@ -174,13 +179,15 @@ def measure_ratio(fn: Callable[[], object], reference: Callable[[], object], rou
 
 def measure_relative(fn: Callable[[], object], reference: Callable[[], object], reference_ms: float,
                      runs: int = MIN_RUNS, burst: int = 3,
-                     clock: Callable[[], float] = time.perf_counter, minimum: int = MIN_RUNS) -> Timing:
+                     clock: Callable[[], float] = time.perf_counter, minimum: int = MIN_RUNS,
+                     reference_burst_ms: float = 0.0) -> Timing:
     """`fn` timed in alternation with `reference` (as `measure_ratio`) and expressed in the units of
     `reference_ms`, the reference's latency at some fixed moment: every result measured this way
     shares that moment's machine speed, however the machine drifts in between. The percentiles are
     those of the per-round ratios. `minimum` lowers the protocol's 50 runs for one of several
-    passes whose results are pooled (`pool`)."""
-    ratios = _ratios(fn, reference, -(-runs // burst), burst, clock, minimum)
+    passes whose results are pooled (`pool`). `reference_burst_ms` lengthens the reference's bursts
+    (`interleave`)."""
+    ratios = _ratios(fn, reference, -(-runs // burst), burst, clock, minimum, reference_burst_ms)
     t = summarize([r * reference_ms for r in ratios])
     return Timing(t.median_ms, t.p10_ms, t.p90_ms, len(ratios) * burst)
 
