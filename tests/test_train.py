@@ -578,13 +578,18 @@ def test_qat_simulates_int8_and_leaves_a_float_model(tmp_path, ants_bees, capsys
         simulated = copy.deepcopy(model)
         points = prepare_qat(simulated)
         assert is_qat(simulated) and points > 20
-        # the stem stays float, as `mnv3 export --int8` leaves it; --int8-stem's simulation quantizes it too
+        # the stem and block 0 (no expansion) stay float, as `mnv3 export --int8` leaves them, their
+        # outputs not quantized but block 0's; --int8-stem's simulation quantizes them too
         from torch.nn.utils import parametrize
 
         assert not parametrize.is_parametrized(simulated.stem.conv, "weight")
-        assert parametrize.is_parametrized(simulated.blocks[0].project.conv, "weight")
+        assert not parametrize.is_parametrized(simulated.blocks[0].project.conv, "weight")
+        assert parametrize.is_parametrized(simulated.blocks[1].project.conv, "weight")
+        assert hasattr(simulated.blocks[0], "qat_out") and not hasattr(simulated.stem, "qat_out")
+        assert not hasattr(simulated.blocks[0].dw, "qat_out") and hasattr(simulated.blocks[1].dw, "qat_out")
         whole = copy.deepcopy(model)
-        assert prepare_qat(whole, float_stem=False) == points + 1
+        # and block 0's depthwise, SE and projection outputs, the stem's output, the input
+        assert prepare_qat(whole, float_stem=False) == points + 5
         assert parametrize.is_parametrized(whole.stem.conv, "weight")
         simulated.eval()                   # (training mode would move batch-norm statistics)
         simulated(x)                       # the observers see the ranges

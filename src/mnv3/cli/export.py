@@ -33,9 +33,10 @@ def register(sub) -> None:
     p.add_argument("--int8", action="store_true",
                    help="static post-training int8: ONNX (QDQ, uint8 activations, per-channel int8 weights) or "
                         "TFLite (AI Edge quantizer, hard-swish rewritten for XNNPACK); the stem (first convolution "
-                        "and its activation) stays float, see --int8-stem")
+                        "and its activation) stays float, and block 0 with it when it has no expansion (faster on "
+                        "CPUs), see --int8-stem")
     p.add_argument("--int8-stem", action="store_true",
-                   help="--int8: quantize the stem too (an integer-only graph with int8 input, for accelerators "
+                   help="--int8: quantize the stem and block 0 too (an integer-only graph with int8 input, for accelerators "
                         "without float; slower on CPUs: int8 kernels handle 3 input channels poorly)")
     p.add_argument("--calibration", metavar="DIR",
                    help="--int8: images to calibrate the activation ranges on (default: scikit-learn's digits)")
@@ -94,7 +95,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         for kind in ("integer", "float"):
             print(f"  {kind} ops ({sum(ops[kind].values())}): {listed(ops[kind])}")
         if report.format == "onnx" and ops["float"]:
-            for key, what in (("float_before_int8", "before the first quantize (the float stem and input)"),
+            for key, what in (("float_before_int8",
+                               "before the first quantize (the input, the float stem and block 0 if it has no expansion)"),
                               ("float_inside_int8", "inside the int8 graph, each between a dequantize and a quantize"),
                               ("float_after_int8", "after the last dequantize (the output side)")):
                 if ops[key]:

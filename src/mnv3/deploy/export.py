@@ -316,7 +316,7 @@ def export(model, path: str | Path, fmt: str | None = None, *, batch: int = 1, d
     `tolerance` is relative to the largest eager output: the file fails when max |file - eager| >
     tolerance x max(1, max |eager|) (default 1e-3; 0.25 for int8). `int8` (ONNX and TFLite):
     static post-training quantization, see `quantize_onnx` and `tflite_int8.quantize_tflite`; the stem
-    stays float unless `int8_stem`."""
+    (and block 0 when it has no expansion, `float_scope`) stays float unless `int8_stem`."""
     from mnv3.files import atomic_write
 
     fmt = format_of(path, fmt)
@@ -343,7 +343,11 @@ def export(model, path: str | Path, fmt: str | None = None, *, batch: int = 1, d
     trace_batch = 2 if dynamic else batch
     x = verification_batch(model, images, max(trace_batch, 3 if dynamic else batch), images_flag)
     if int8:
-        stem = "stem int8, int8 input" if int8_stem else "stem (first convolution and activation) float, float input"
+        net = getattr(model, "backbone", model)
+        block0 = not int8_stem and getattr(getattr(net, "blocks", [None])[0], "expand", 1) is None
+        stem = "stem int8, int8 input" if int8_stem else (
+            "stem (first convolution and activation) " + ("and block 0 (no expansion) " if block0 else "")
+            + "float, float input")
         pad = fmt == "onnx" and not hasattr(model, "backbone")     # a dense head may tap an expansion
         padded = "; expansions padded to multiples of 16 channels" if pad else ""
         scheme = (f"static QDQ, activations uint8 per tensor, weights int8 per channel; {stem}; hard-swish "
@@ -351,7 +355,8 @@ def export(model, path: str | Path, fmt: str | None = None, *, batch: int = 1, d
                   "static, AI Edge quantizer: activations int8 per tensor, weights int8 per channel, int8 output; "
                   f"{stem}; hard-swish as MUL, ADD, MUL (all delegated to XNNPACK)")
         info["int8"] = {"scheme": scheme, "calibration": str(calibration or "digits"),
-                        "calibration_images": calibration_images, "stem": "int8" if int8_stem else "float"}
+                        "calibration_images": calibration_images, "stem": "int8" if int8_stem else "float",
+                        "block0": "float" if block0 else "int8"}
         calib = verification_batch(model, calibration, calibration_images, "--calibration")
 
         def write_int8(tmp: Path) -> None:
@@ -394,6 +399,22 @@ def export(model, path: str | Path, fmt: str | None = None, *, batch: int = 1, d
 
 # -- int8 ---------------------------------------------------------------------------------------------
 STEM = re.compile(r"(^|/)stem/")    # the stem's nodes in torch's ONNX names (/stem/conv/Conv)
+FIRST_BLOCK = re.compile(r"(^|/)blocks\.0/")   # block 0's (/blocks/blocks.0/dw/conv/Conv, /blocks/blocks.0/Add)
+
+
+def float_scope(names: list[str], float_stem: bool = True) -> re.Pattern | None:
+    """Which nodes of a float ONNX graph stay float in its int8 file: none (`float_stem` off), the
+    stem, and with it block 0 when block 0 has no expansion (MobileNetV3-Large's and -Small's, and
+    MobileNetV2's): a depthwise convolution on 16 channels at the stem's resolution, where the int8
+    kernels of both runtimes are slower than float (measured on a 2-core Xeon with AVX-512 VNNI and
+    AMX, `bench/int8.py`: ONNX Runtime V3-Small 0.91x float with block 0 int8, 0.83x with it float;
+    Large 0.73x and 0.69x; keeping block 1 float as well was slower again, 0.885x)."""
+    if not float_stem:
+        return None
+    first = [n for n in names if FIRST_BLOCK.search(n)]
+    if first and not any(re.search(r"(^|/)blocks\.0/expand/", n) for n in first):
+        return re.compile(r"(^|/)(stem|blocks\.0)/")
+    return STEM
 
 
 def quantize_onnx(path: Path, calibration: torch.Tensor, float_stem: bool = True, lookup: bool = True) -> None:
@@ -407,7 +428,8 @@ def quantize_onnx(path: Path, calibration: torch.Tensor, float_stem: bool = True
     The stem (the first convolution and its hard-swish) stays float: the int8 convolution kernels of
     ONNX Runtime and XNNPACK handle its 3 input channels poorly (measured, not explained: on
     MobileNetV3-Small at 224 the int8 stem took 2.1x (ONNX Runtime) and 2.4x (LiteRT) the float
-    one's time, `bench/int8_profile.py`); float pixels also keep their precision."""
+    one's time, `bench/int8_profile.py`); float pixels also keep their precision. Block 0 stays
+    float with it when it has no expansion (`float_scope`)."""
     import tempfile
 
     import onnx
@@ -418,7 +440,8 @@ def quantize_onnx(path: Path, calibration: torch.Tensor, float_stem: bool = True
     original = onnx.load(str(path))
     name = original.graph.input[0].name
     metadata = list(original.metadata_props)
-    stem_nodes = [n for n in original.graph.node if STEM.search(n.name)] if float_stem else []
+    scope = float_scope([n.name for n in original.graph.node], float_stem)
+    stem_nodes = [n for n in original.graph.node if scope.search(n.name)] if scope else []
     stem = [n.name for n in stem_nodes]
 
     class Reader(CalibrationDataReader):
@@ -452,8 +475,10 @@ def quantize_onnx(path: Path, calibration: torch.Tensor, float_stem: bool = True
                             per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             nodes_to_exclude=stem)
         proto = onnx.load(str(Path(tmp) / "int8.onnx"))
-    if stem:        # the stem's output: that of its last node (torch names /stem/conv/Conv, /stem/act/HardSwish)
-        restore_float_stem(proto, original, stem_nodes[-1].output[0])
+    if stem:        # the float part's output: that of its last node (/stem/act/HardSwish, /blocks/blocks.0/Add)
+        source = copy.deepcopy(original)
+        fold_pads(source)       # TensorFlow's "same" padding folded into the float part's convs too
+        restore_float_stem(proto, source, stem_nodes[-1].output[0])
     if lookup:
         lookup_gates(proto)
     del proto.metadata_props[:]
@@ -461,32 +486,110 @@ def quantize_onnx(path: Path, calibration: torch.Tensor, float_stem: bool = True
     onnx.save(proto, str(path_in))
 
 
+def _constants(proto):
+    """A function giving the value of a tensor of `proto` that does not depend on the input's values
+    (None for one that does): an initializer, or one computed from constants and from static shapes
+    (a Shape of a tensor whose shape shape inference fixes), evaluated by ONNX's reference runtime;
+    and the set of ids of the nodes such evaluations went through. torch's exporter writes
+    TensorFlow's "same" padding as pads computed in the graph from the input's shape."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    g = proto.graph
+    init = {i.name: i for i in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    order = {id(n): k for k, n in enumerate(g.node)}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto).graph
+    except Exception:                       # noqa: BLE001 - no static shapes: constants alone
+        inferred = g
+    shapes = {}
+    for vi in list(inferred.value_info) + list(inferred.input) + list(inferred.output):
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+        if vi.type.tensor_type.HasField("shape") and None not in dims:
+            shapes[vi.name] = dims
+    computed: set[int] = set()
+
+    def constant(name: str):
+        if not name:
+            return None
+        if name in init:
+            return numpy_helper.to_array(init[name])
+        nodes, fixed, todo, seen = [], [], [name], set()
+        while todo:
+            n = producer.get(todo.pop())
+            if n is None or id(n) in seen:
+                continue
+            seen.add(id(n))
+            if n.op_type == "Shape" and n.input[0] in shapes:
+                attrs = {a.name: a.i for a in n.attribute}
+                dims = shapes[n.input[0]][attrs.get("start", 0):attrs.get("end", None)]
+                fixed.append(helper.make_node("Constant", [], [n.output[0]], value=numpy_helper.from_array(
+                    np.array(dims, dtype=np.int64), n.output[0])))
+                nodes.append(n)
+                continue
+            if any(i and i not in init and i not in producer for i in n.input):     # a graph input
+                return None
+            nodes.append(n)
+            todo.extend(n.input)
+        chain = fixed + sorted((n for n in nodes if n.op_type != "Shape" or n.input[0] not in shapes),
+                               key=lambda n: order[id(n)])
+        used = {i for n in chain for i in n.input if i in init}
+        model = helper.make_model(helper.make_graph(
+            chain, "constant", [], [helper.make_tensor_value_info(name, TensorProto.UNDEFINED, None)],
+            initializer=[init[i] for i in used]), opset_imports=proto.opset_import)
+        try:
+            value = ReferenceEvaluator(model).run(None, {})[0]
+        except Exception:                          # noqa: BLE001 - not foldable: left as it is
+            return None
+        computed.update(id(n) for n in nodes)
+        return value
+
+    return constant, computed
+
+
 def fold_pads(proto) -> int:
     """Fold, in place, each zero constant Pad of the height and width whose one reader is a Conv
     into that Conv's own pads: the same function. TensorFlow's "same" padding of a strided conv is
     asymmetric, so the authors' networks (imported with `same=True`) export it as a Pad before the
     conv; left alone, ONNX Runtime has no int8 Pad and each one became a float island behind a
-    dequantize/quantize pair (5 in V3-Large-minimalistic). The pads must be constants, as the
-    quantizer's pre-processing leaves them. Returns how many were folded."""
-    from onnx import helper, numpy_helper
+    dequantize/quantize pair (5 in V3-Large-minimalistic). The pads must be constants: initializers, as
+    the quantizer's pre-processing leaves them, or computed from constants and static shapes, as
+    torch's exporter writes them (`_constants`; for the float part the int8 file keeps,
+    `restore_float_stem`); the nodes that computed them are removed once nothing reads them. Returns
+    how many were folded. Folding goes round by round: a Pad whose amounts come from the shape of a
+    tensor behind an earlier Pad becomes computable once that one is folded."""
+    total = 0
+    while True:
+        folded = _fold_pads_once(proto)
+        total += folded
+        if not folded:
+            return total
+
+
+def _fold_pads_once(proto) -> int:
+    """One round of `fold_pads`: every Pad foldable now."""
+    from onnx import helper
 
     g = proto.graph
-    init = {i.name: i for i in g.initializer}
     readers: dict[str, list] = {}
     for n in g.node:
         for i in n.input:
             readers.setdefault(i, []).append(n)
+    constant, computed = _constants(proto)
+
     drop = set()
     for pad in g.node:
-        if pad.op_type != "Pad" or len(pad.input) < 2 or pad.input[1] not in init:
+        if pad.op_type != "Pad" or len(pad.input) < 2 or constant(pad.input[1]) is None:
             continue
         mode = next((a.s for a in pad.attribute if a.name == "mode"), b"constant")
         value = pad.input[2] if len(pad.input) > 2 else ""
         users = readers.get(pad.output[0], [])
-        if mode != b"constant" or (value and (value not in init or numpy_helper.to_array(init[value]).any())) \
+        if mode != b"constant" or (value and (constant(value) is None or constant(value).any())) \
                 or len(users) != 1 or users[0].op_type != "Conv" or users[0].input[0] != pad.output[0]:
             continue
-        amounts = numpy_helper.to_array(init[pad.input[1]]).astype(int).tolist()
+        amounts = constant(pad.input[1]).astype(int).tolist()
         conv = users[0]
         attrs = {a.name: a for a in conv.attribute}
         if len(amounts) != 8 or any(amounts[i] for i in (0, 1, 4, 5)) or min(amounts) < 0 \
@@ -499,10 +602,23 @@ def fold_pads(proto) -> int:
         conv.attribute.extend(kept + [helper.make_attribute("pads", pads)])
         conv.input[0] = pad.input[0]
         drop.add(id(pad))
+    folded = len(drop)
+    while True:         # the nodes that computed the folded pads' amounts, now read by nothing
+        read = {i for n in g.node if id(n) not in drop for i in n.input} | {o.name for o in g.output}
+        dead = {id(n) for n in g.node if id(n) not in drop and id(n) in computed
+                and not any(o in read for o in n.output)}
+        if not dead:
+            break
+        drop |= dead
     nodes = [n for n in g.node if id(n) not in drop]
     del g.node[:]
     g.node.extend(nodes)
-    return len(drop)
+    if folded:          # and the constants only they read (ONNX Runtime warns of each one left)
+        read = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+        kept = [i for i in g.initializer if i.name in read]
+        del g.initializer[:]
+        g.initializer.extend(kept)
+    return folded
 
 
 def _ancestors(graph, tensor: str) -> list:
@@ -519,8 +635,8 @@ def _ancestors(graph, tensor: str) -> list:
 
 def restore_float_stem(proto, original, output: str) -> int:
     """Put the float model's own stem back into the quantized graph `proto`, in place: every node
-    that computes the stem's `output` (the first convolution and its hard-swish) is replaced by the
-    float graph's nodes and constants, renamed so that nothing is shared with the quantized blocks,
+    that computes the stem's `output` (the first convolution and its hard-swish, and block 0 when it
+    stays float too, `float_scope`) is replaced by the float graph's nodes and constants, renamed so that nothing is shared with the quantized blocks,
     and `output` keeps the QuantizeLinear that feeds the first block. Left to the quantizer, the
     float stem was not float: its hard-swish reaches the quantizer as an inlined HardSigmoid and Mul
     with new names that no exclusion list matched, so the tensors inside the stem got quantize and
@@ -555,7 +671,7 @@ def restore_float_stem(proto, original, output: str) -> int:
     for n in stem:
         n.input[:] = [rename.get(i, i) if i not in inputs else i for i in n.input]
         n.output[:] = [rename.get(o, o) for o in n.output]
-        n.name = f"mnv3_float_stem/{n.name}" if n.name else "mnv3_float_stem"
+        n.name = f"mnv3_float_stem/{n.name or n.output[0]}"
     del g.node[:]
     g.node.extend(stem + saved + kept)
     used = {i for n in g.node for i in n.input}

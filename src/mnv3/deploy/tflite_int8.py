@@ -17,11 +17,13 @@ three int8 ops XNNPACK delegates, so the whole network runs as one delegated gra
 The stem (first convolution and its hard-swish) is left float by default: XNNPACK's int8
 convolution handles its 3 input channels poorly (MobileNetV3-Small at 224: 0.62 ms int8 against
 0.26 float on an AVX-512 VNNI Xeon), and XNNPACK runs the float HARD_SWISH; one QUANTIZE follows.
+Block 0 stays float with it when it has no expansion (`float_scope_tflite`).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -169,6 +171,20 @@ def write_model(model, path: str | Path) -> None:
 # MobileNetV3-Large names the stem's batch norm later in its list, so the stem's scope must be in the
 # first location (matched anywhere, it kept Large's block 0 float too).
 STEM_SCOPE = r"^[^;]*ConvBNAct_stem/"
+# Block 0 stays float with the stem when it has no expansion (see export.float_scope for the
+# measurements); its residual add is named after the block itself, without a child module.
+FIRST_BLOCK_SCOPE = r"^[^;]*Sequential_blocks/mnv3\.nn\.layers\.InvertedResidual_0(/|;|$)"
+
+
+def float_scope_tflite(names: list[str], float_stem: bool = True) -> str | None:
+    """The quantizer's regex for the ops of a float TFLite graph (by output tensor name) that stay
+    float: none, the stem, or the stem and block 0 (`export.float_scope`'s rule)."""
+    if not float_stem:
+        return None
+    first = [n.split(";")[0] for n in names if re.search(FIRST_BLOCK_SCOPE, n)]
+    if first and not any("InvertedResidual_0/mnv3.nn.layers.ConvBNAct_expand" in n for n in first):
+        return f"{STEM_SCOPE}|{FIRST_BLOCK_SCOPE}"
+    return STEM_SCOPE
 
 
 def quantize_tflite(path: Path, calibration: np.ndarray, *, decompose: bool = True, float_stem: bool = True) -> dict:
@@ -191,8 +207,9 @@ def quantize_tflite(path: Path, calibration: np.ndarray, *, decompose: bool = Tr
                for i in range(0, len(calibration) - batch + 1, batch)]
     quantizer = aq.Quantizer(str(path))
     recipe = aq.recipe.static_wi8_ai8()
-    if float_stem:
-        recipe.append({**recipe[0], "regex": STEM_SCOPE, "algorithm_key": "no_quantize"})
+    scope = float_scope_tflite([(t.name or b"").decode(errors="replace") for t in read_model(path).subgraphs[0].tensors], float_stem)
+    if scope:
+        recipe.append({**recipe[0], "regex": scope, "algorithm_key": "no_quantize"})
     quantizer.load_quantization_recipe(recipe)
     with tempfile.TemporaryDirectory(prefix="mnv3-tflite-int8-") as tmp, \
             contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):

@@ -10,8 +10,9 @@ What is simulated (straight-through estimator for the gradients):
     activation output, every block output (after the residual add) and every squeeze-and-excite
     output, where the exporters put their quantize/dequantize pairs.
 The stem (the first convolution and its activation) is left float, input included, as `mnv3 export
---int8` leaves it (`float_stem=False` simulates `--int8-stem`: the input and the stem's weights
-quantized too); its output is quantized, where the export puts its one QUANTIZE.
+--int8` leaves it, and block 0 with it when it has no expansion (`float_stem=False` simulates
+`--int8-stem`: the input and every weight quantized too); the float part's output is quantized,
+where the export puts its one QUANTIZE.
 The weights stay float: the model file written at the end is an ordinary float model (nothing of
 the simulation is saved), which `mnv3 export --int8` calibrates and quantizes as any other.
 """
@@ -55,12 +56,19 @@ def prepare_qat(model: nn.Module, float_stem: bool = True) -> int:
     if is_qat(model):
         return 0
     stem = getattr(model, "stem", None) if float_stem else None
-    kept = {id(m) for m in stem.modules()} if stem is not None else set()
+    blocks = getattr(model, "blocks", None)
+    first = blocks[0] if blocks is not None and len(blocks) else None
+    # block 0 stays float with the stem when it has no expansion, as the exporters leave it
+    part = [stem] + ([first] if isinstance(first, InvertedResidual) and first.expand is None else []) \
+        if stem is not None else []
+    kept = {id(m) for p in part for m in p.modules()}
     for m in model.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)) and id(m) not in kept:
             parametrize.register_parametrization(m, "weight", WeightFakeQuant())
     points = 0
-    targets = [m for m in model.modules() if isinstance(m, (ConvBNAct, InvertedResidual, SqueezeExcite))]
+    # outputs quantized: each layer's but those inside the float part, whose own output is (the quantize op)
+    targets = [m for m in model.modules() if isinstance(m, (ConvBNAct, InvertedResidual, SqueezeExcite))
+               and (id(m) not in kept or m is part[-1])]
     for m in targets:
         m.qat_out = _OutputQuant()
         m.register_forward_hook(_quantize_output)
