@@ -66,14 +66,15 @@ def space_file() -> Path:
 def run_search(args) -> dict:
     """`mnv3 search` itself, as many trials as fit the budget (`--minutes`; the study keeps them, so
     a rerun continues)."""
-    out = OUT / "search-c10"      # the 10-class space (runs before --classes: search/, another study)
+    out = OUT / f"search-c10{args.tag}"      # the 10-class space (runs before --classes: search/, another study)
     cmd = ["search", "--space", str(space_file()), "--data", str(DATA), "--runtime", RUNTIME,
            "--build-table", "--db", f"sqlite:///{OUT / 'lut.sqlite'}", "--target-of", "mobilenet_v3_small",
            "--classes", "10",      # the networks are timed as the 10-class classifiers they become
            "--target-width", "0.75", "--proxy-subset", str(args.proxy_subset), "--proxy-epochs",
            str(args.proxy_epochs), "--proxy-held-out", str(args.held_out), "--strategy", "evolution",
            "--population", "12", "--out", str(out), "--no-progress", "--final-k", "3", "--references",
-           "--trials", "10000", "--minutes", str(args.search_minutes), "--threads", str(args.threads)]
+           "--trials", "10000", "--minutes", str(args.search_minutes), "--threads", str(args.threads),
+           "--rerank", str(args.rerank), "--rerank-seeds", str(args.rerank_seeds)]
     log(f"search: {args.search_minutes} minutes")
     if not (out / "summary.json").is_file() and mnv3_main(cmd) != 0:
         sys.exit("the search failed")
@@ -222,6 +223,9 @@ def main() -> None:
     parser.add_argument("--proxy-subset", type=int, default=4000, help="proxy training images (default 4000)")
     parser.add_argument("--proxy-epochs", type=int, default=2)
     parser.add_argument("--held-out", type=float, default=2000, help="training images candidates are ranked on")
+    parser.add_argument("--rerank", type=int, default=5,
+                        help="the search's best networks trained again before best.json is chosen (default 5; 0: off)")
+    parser.add_argument("--rerank-seeds", type=int, default=3, help="proxy trainings per reranked network (default 3)")
     parser.add_argument("--seeds", type=int, default=2, help="final trainings per network (default 2)")
     parser.add_argument("--final-epochs", type=int, default=4, help="epochs of the final trainings (default 4)")
     parser.add_argument("--final-subset", type=int, default=10000,
@@ -237,6 +241,7 @@ def main() -> None:
                         help="seeds of the strategies' samplers: each strategy runs once per seed (default 0 1 2)")
     parser.add_argument("--threads", type=int, default=2,
                         help="intra-op threads of the proxy and final trainings (default 2; 1 leaves a core free)")
+    parser.add_argument("--tag", default="", help="suffix of the search folder and the results CSV (e.g. _rerank)")
     parser.add_argument("--skip-strategies", action="store_true")
     parser.add_argument("--only-strategies", action="store_true", help="just the strategies side by side")
     args = parser.parse_args()
@@ -255,6 +260,10 @@ def main() -> None:
     found = mnv3.ArchSpec.load(summary["best"])
     log(f"search: {summary['trials']} trials, best {summary['best']} (proxy accuracy {summary['accuracy']:.4f}, "
         f"{summary['predicted_ms']:.3f} ms predicted, T = {summary['target_ms']:.3f} ms)")
+    if summary.get("rerank"):
+        log(f"reranked: the best {summary['rerank']['networks']} by one proxy training, trained "
+            f"{summary['rerank']['seeds']} times each: " + "; ".join(
+                f"{f['label']} {f['search_accuracy']:.4f} -> {f['accuracy']:.4f}" for f in summary["finals"]))
     nets = {"found": found, **{f"small x{w}": family(w) for w in (0.5, 0.75, 1.0)}}
     # The found network's trainings are kept under what it is (the search's key of a network): a
     # later search that finds another network must not reuse them.
@@ -282,7 +291,7 @@ def main() -> None:
     verdict = "above" if gain > spread else "not above"
     print(f"found network: {mine['top1_mean']:.4f} at {mine['measured_ms']:.3f} ms; the width-scaled curve gives "
           f"{expected:.4f} there: {gain:+.4f} ({verdict} the curve by more than the seeds' spread {spread:.4f})")
-    write_csv(f"search_cifar10_c10_e{args.final_epochs}.csv", rows + [{"network": "curve at found", "measured_ms": mine["measured_ms"],
+    write_csv(f"search_cifar10_c10_e{args.final_epochs}{args.tag}.csv", rows + [{"network": "curve at found", "measured_ms": mine["measured_ms"],
                                               "top1_mean": round(expected, 4)}])
     if not args.skip_strategies:
         print_strategies(args)

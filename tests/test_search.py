@@ -278,6 +278,26 @@ def test_search_measure_end_to_end_then_train_the_winner(space_file, tmp_path, c
     err = capsys.readouterr().err
     assert code == 0 and "4 of 4 trials finished" in err
     assert len(finished_trials(out / "search.sqlite")) == 4
+    # --rerank: the 2 best trained again with another seed, ranked by the mean; kept in the study
+    rerun = ["search", "--space", str(space_file), "--latency", "measure", "--trials", "4", "--target-of",
+             "mobilenet_v3_small", "--target-width", "0.35", "--out", str(out), *QUICK, "--rerank", "2",
+             "--rerank-seeds", "2", "--json"]
+    code = main(rerun)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert captured.err.count("proxy training, seed 1") == 2 and "mean of 2 proxy trainings" in captured.err
+    summary = json.loads((out / "summary.json").read_text())
+    finals = summary["finals"]
+    assert summary["rerank"] == {"networks": 2, "seeds": 2}
+    for f in finals:
+        assert len(f["accuracy_seeds"]) == 2 and f["accuracy_seeds"][0] == f["search_accuracy"]
+        assert f["accuracy"] == pytest.approx(sum(f["accuracy_seeds"]) / 2)
+        assert f["reward"] == pytest.approx(Reward.make("soft", summary["target_ms"])(f["accuracy"], f["predicted_ms"]))
+    assert finals[0]["reward"] >= finals[1]["reward"] and json.loads(captured.out)["accuracy"] == finals[0]["accuracy"]
+    with open(out / "trials.csv") as f:
+        reranked = [r for r in csv.DictReader(f) if r["rerank_accuracy"]]
+    assert {int(r["trial"]) for r in reranked} >= {f["trial"] for f in finals}
+    assert main(rerun) == 0 and "proxy training, seed" not in capsys.readouterr().err     # nothing trained again
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -290,6 +310,10 @@ def test_search_measure_end_to_end_then_train_the_winner(space_file, tmp_path, c
     (["--trials", "0"], "at least 1"),
     (["--classes", "0"], "--classes 0: a classifier needs 1 class or more"),
     (["--references", "none", "0.5"], "give it alone"),
+    (["--rerank", "2", "--rerank-seeds", "1"], "S >= 2 seeds"),
+    (["--rerank", "-1"], "--rerank -1"),
+    (["--rerank", "2", "--reward", "pareto", "--strategy", "nsga2"], "there is a front"),
+    (["--rerank", "2", "--oracle", "supernet:nowhere"], "no training seed"),
 ])
 def test_search_bad_input_is_one_line(extra, message, space_file, tmp_path, capsys):
     argv = ["search", "--space", str(space_file), "--latency", "measure", "--out", str(tmp_path / "run"),

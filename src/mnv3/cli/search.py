@@ -94,6 +94,12 @@ def register(sub) -> None:
                    help="widths of the seed family trained and measured as reference points "
                         "(default 0.5 0.75 1.0 when the seed is a preset; `--references none`, or the "
                         "flag alone: leave them out)")
+    g.add_argument("--rerank", type=int, default=0, metavar="K",
+                   help="before choosing best.json, train the K best networks and the references again with "
+                        "more seeds and rank them by the mean (the best of many one-seed proxy trainings "
+                        "is mostly the luckiest; default 0: off)")
+    g.add_argument("--rerank-seeds", type=int, default=3, metavar="S",
+                   help="proxy trainings per network when reranking, the search's own included (default 3)")
     g = p.add_argument_group("run")
     add_output(p, "--out", kind="dir", metavar="DIR", help="run folder (default runs/search-TIME)")
     g.add_argument("--storage", metavar="URL",
@@ -244,6 +250,15 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     if args.trials < 1 or args.final_k < 1 or args.proxy_epochs < 1:
         raise SearchError("--trials, --final-k and --proxy-epochs must be at least 1")
+    if args.rerank < 0 or (args.rerank and args.rerank_seeds < 2):
+        raise SearchError(f"--rerank {args.rerank} --rerank-seeds {args.rerank_seeds}: rerank K >= 1 networks with "
+                          "S >= 2 seeds each (or --rerank 0: off)")
+    if args.rerank and args.reward == "pareto":
+        raise SearchError("--rerank chooses by one reward; with --reward pareto there is a front, not one best: "
+                          "leave --rerank out")
+    if args.rerank and args.oracle != "proxy":
+        raise SearchError(f"--rerank trains networks again with other seeds; --oracle {args.oracle} has no "
+                          "training seed (its estimate is the same every time): leave --rerank out")
     if args.target_ms is not None and args.target_of is not None:
         raise SearchError("--target-ms and --target-of both set a target: give one")
     if args.references and "none" in args.references:
@@ -312,12 +327,15 @@ def cmd_search(args: argparse.Namespace) -> int:
             print(f"note: reference(s) {left} are not networks of the space, so the supernet cannot estimate "
                   "them; they are left out (train them with the proxy oracle to compare)", file=sys.stderr)
         references = kept
-    summary = finish(search, final_k=args.final_k, references=references, progress=progress)
+    summary = finish(search, final_k=args.final_k, references=references, progress=progress,
+                     rerank=args.rerank, rerank_seeds=args.rerank_seeds)
     print(f"{'network':<24}{'accuracy':>9}{'predicted ms':>14}{'measured ms':>13}{'reward':>9}")
     for row in summary["references"] + summary["finals"]:
         measured = row.get("measured_ms")
         print(f"{row['label']:<24}{row['accuracy']:>9.4f}{row['predicted_ms']:>14.3f}"
               f"{(f'{measured:.3f}' if measured is not None else '-'):>13}{row['reward']:>9.4f}")
+    if args.rerank:
+        print(f"accuracy of the reranked networks and the references: mean of {args.rerank_seeds} proxy trainings")
     print(f"best: {summary['best']} (accuracy {summary['accuracy']:.4f}, {summary['predicted_ms']:.3f} ms "
           f"predicted, reward {summary['reward']:.4f}); files in {out}")
     print(f"train it: mnv3 train --arch {summary['best']} --data {oracle.describe()['data'] or args.data}")

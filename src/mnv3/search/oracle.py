@@ -93,11 +93,14 @@ class ProxyOracle:
     def resolution(self) -> int | None:
         return (self.recipe.resolution if self.recipe else None) or self.data.resolution
 
-    def accuracy(self, spec: ArchSpec, trial_dir: Path) -> float:
+    def accuracy(self, spec: ArchSpec, trial_dir: Path, seed: int | None = None) -> float:
+        """Top-1 on the held-out split after the proxy training; `seed` (weights, data order,
+        augmentation) other than the recipe's trains the same network again, as `--rerank` does."""
         from mnv3.train.classify import train_logged
 
         trial_dir = Path(trial_dir)     # a trial that died midway starts again, cleanly
-        result = train_logged(self.data, trial_dir, arch=spec, recipe=self.recipe, workers=self.workers,
+        recipe = self.recipe if seed is None else self.recipe.override({"seed": seed})
+        result = train_logged(self.data, trial_dir, arch=spec, recipe=recipe, workers=self.workers,
                               checkpoint_steps=0, progress=False, tensorboard=False)
         if not self.keep_runs:
             for name in ("checkpoint.pt", "model.safetensors"):

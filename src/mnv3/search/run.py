@@ -269,10 +269,17 @@ class Search:
                          "spec_key": a.get("spec_key"), "accuracy": a.get("accuracy"),
                          "predicted_ms": a.get("predicted_ms"),
                          "measured_ms": measured.get(f"measured:{t.number}"),
-                         "reward": a.get("reward"), "params": a.get("params"), "macs": a.get("macs"),
+                         "reward": a.get("reward"), "rerank_accuracy": _mean(measured.get(f"rerank:{a.get('spec_key')}")),
+                         "params": a.get("params"), "macs": a.get("macs"),
                          "seconds": round(a.get("seconds", math.nan), 2),
                          "duplicate_of": a.get("duplicate_of", "")})
         return rows
 
     def write_trials(self) -> Path:
+        """trials.csv: one row per finished trial; `rerank_accuracy` is the mean over the seeds of
+        `--rerank` for the networks it trained again (empty for the others)."""
         return atomic_write_csv(self.out / "trials.csv", self.rows())
+
+
+def _mean(accuracies: dict[str, float] | None) -> float | None:
+    return sum(accuracies.values()) / len(accuracies) if accuracies else None
