@@ -46,7 +46,8 @@ def register(sub) -> None:
                            help="entries converted together and committed together (default 48)")
             q.add_argument("--passes", type=int, default=3, metavar="N",
                            help="passes over the space that share each entry's runs, minutes apart, so "
-                                "that no entry carries one minute's machine state (default 3)")
+                                "that no entry carries one minute's machine state (default 3; the heaviest "
+                                "entries, a fifth of a typical network or more, get twice as many)")
         else:
             q.add_argument("--n", type=int, required=True, help="random networks to measure end to end")
             add_output(q, "--plot", metavar="PNG",
@@ -112,7 +113,8 @@ def cmd_lut_build(args: argparse.Namespace) -> int:
     summary = build_table(space, runtime, table, threads=threads, calibration_networks=args.calibrate,
                           chunk=args.chunk, passes=args.passes, progress=not args.no_progress)
     cal = summary["calibration"]
-    print(f"table {table.url}: {summary['entries']} entries ({summary['measured']} measured now); "
+    print(f"table {table.url}: {summary['entries']} entries ({summary['measured']} measured now, "
+          f"{summary['heavy']} heavy ones in twice the passes); "
           f"calibration measured = {cal['a']:.3f} x sum + {cal.get('c', 0.0):.3f} x parts + {cal['b']:.3f} ms "
           f"({cal.get('model', 'a*sum+c*parts+b')} on {cal['n']} networks"
           + (f", leave-one-out MAPE {cal['loo_mape']:.1%})" if cal.get("loo_mape") is not None else ")"))
