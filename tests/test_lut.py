@@ -119,7 +119,12 @@ def test_build_lookup_resume_and_predict(tmp_path, capsys):
     assert predictor.sum_of_parts(spec) == pytest.approx(total)
     cal = predictor.calibration
     parts = len(spec.blocks) + 2
-    assert predictor.predict(spec) == pytest.approx(cal["a"] * total + cal.get("c", 0.0) * parts + cal["b"])
+    if "a_heavy" in cal:        # the heavy entries' sum and the rest's, each with its coefficient
+        heavy = sum(stored[p.key].median_ms for p in network_parts(spec) if stored[p.key].median_ms >= cal["heavy_ms"])
+        assert predictor.predict(spec) == pytest.approx(cal["a_heavy"] * heavy + cal["a"] * (total - heavy) + cal["b"])
+    else:
+        assert predictor.predict(spec) == pytest.approx(cal["a"] * total + cal.get("c", 0.0) * parts + cal["b"])
+    assert cal["heavy_ms"] > 0 and all("heavy_sum_ms" in n for n in cal["networks"])
     assert predictor.predict(spec) > 0
 
     # A calibration timed with the old protocol (bursts of 3 runs, no burst_ms stored): the predictor
@@ -178,6 +183,15 @@ def test_fit_calibration_picks_the_model_the_data_supports():
     assert fit_calibration(sums, np.full(30, 17.0), sums + 5)["model"] == "a*sum+b"
     few = fit_calibration(sums[:2], counts[:2], sums[:2] * 1.1)
     assert few["model"] == "a*sum" and few["a"] == pytest.approx(1.1)
+    # heavy entries that run faster in a network than alone: their own coefficient, offered only
+    # when the heavy sums are given
+    heavy = sums * rng.uniform(0.1, 0.8, 30)
+    timed = (0.85 * heavy + 1.05 * (sums - heavy) + 1.0) * (1 + rng.normal(0, 0.002, 30))
+    fit = fit_calibration(sums, counts, timed, heavy)
+    assert fit["model"] == "a_h*heavy+a*rest+b"
+    assert (fit["a_heavy"], fit["a"], fit["b"]) == pytest.approx((0.85, 1.05, 1.0), rel=0.05)
+    assert fit_calibration(sums, counts, timed)["model"] != "a_h*heavy+a*rest+b"
+    assert "a_heavy" not in fit_calibration(sums, counts, 0.9 * sums * noise, heavy)    # proportional: a*sum
 
 
 def test_bad_database_urls(tmp_path):
