@@ -573,6 +573,8 @@ def _fold_pads_once(proto) -> int:
     from onnx import helper
 
     g = proto.graph
+    if not any(n.op_type == "Pad" for n in g.node):
+        return 0            # nothing to fold: no shape inference
     readers: dict[str, list] = {}
     for n in g.node:
         for i in n.input:
@@ -581,15 +583,16 @@ def _fold_pads_once(proto) -> int:
 
     drop = set()
     for pad in g.node:
-        if pad.op_type != "Pad" or len(pad.input) < 2 or constant(pad.input[1]) is None:
+        amounts = constant(pad.input[1]) if pad.op_type == "Pad" and len(pad.input) >= 2 else None
+        if amounts is None:
             continue
         mode = next((a.s for a in pad.attribute if a.name == "mode"), b"constant")
-        value = pad.input[2] if len(pad.input) > 2 else ""
+        fill = constant(pad.input[2]) if len(pad.input) > 2 and pad.input[2] else None
         users = readers.get(pad.output[0], [])
-        if mode != b"constant" or (value and (constant(value) is None or constant(value).any())) \
+        if mode != b"constant" or (len(pad.input) > 2 and pad.input[2] and (fill is None or fill.any())) \
                 or len(users) != 1 or users[0].op_type != "Conv" or users[0].input[0] != pad.output[0]:
             continue
-        amounts = constant(pad.input[1]).astype(int).tolist()
+        amounts = amounts.astype(int).tolist()
         conv = users[0]
         attrs = {a.name: a for a in conv.attribute}
         if len(amounts) != 8 or any(amounts[i] for i in (0, 1, 4, 5)) or min(amounts) < 0 \
