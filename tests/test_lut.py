@@ -164,7 +164,12 @@ def test_build_lookup_resume_and_predict(tmp_path, capsys, monkeypatch):
 
     # An end-to-end time takes turns among several sessions of the network, as of the reference
     # network: one session's speed is not the network's. Each session opened is timed, round by round.
-    from mnv3.latency.lut import NETWORK_SESSIONS, REFERENCE_SESSIONS, _reference_network, measure_in_table_units
+    from mnv3.latency.lut import (
+        NETWORK_SESSIONS,
+        REFERENCE_SESSIONS,
+        _reference_network,
+        measure_in_table_units,
+    )
 
     opened: list[tuple[mnv3.ArchSpec, list[int]]] = []
     real_session = runtime.session

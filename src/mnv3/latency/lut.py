@@ -438,9 +438,9 @@ def _measure_networks(specs: list[ArchSpec], runtime: Runtime, threads: int, bat
                                      file=sys.stderr)]
         fns = sessions + ([part_session] if part_session else [])
 
-        def next_round(_: int) -> None:
+        def next_round(_: int, rotations: tuple[_Rotation, ...] = (reference, *sessions)) -> None:
             bar.update()
-            for rotation in (reference, *sessions):
+            for rotation in rotations:
                 rotation.advance()
 
         with tqdm(total=rounds, desc=f"{desc}: time {len(group)} networks", unit="round",
@@ -448,7 +448,7 @@ def _measure_networks(specs: list[ArchSpec], runtime: Runtime, threads: int, bat
             got = interleaved_ratios(fns, reference, rounds, 3, burst_ms=BURST_MS, on_round=next_round)
         ratios += got[:len(group)]
         part_ratios += got[len(group):][0] if part_session else []
-        del sessions, fns
+        del sessions, fns, next_round       # every session of the group closed before the next opens
     if reference_ms is None:
         reference_ms = entries[part.key].median_ms / float(np.median(part_ratios))
     return [float(np.median(r)) * reference_ms for r in ratios], reference_ms
