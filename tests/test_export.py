@@ -187,7 +187,7 @@ def test_int8_onnx_export_and_op_report(classifier_file, tmp_path, capsys):
     assert "before the first quantize (the input, the float stem and block 0 if it has no expansion): " in err
     meta = read_metadata(out)["int8"]
     assert meta["calibration"] == "digits" and meta["stem"] == "float" and meta["block0"] == "float"
-    import onnx     # the depthwise convolutions after an expansion on multiples of 16 channels (pad_depthwise)
+    import onnx  # the depthwise convolutions after an expansion on multiples of 16 channels (pad_depthwise)
     graph = onnx.load(str(out)).graph
     groups = [a.i for n in graph.node if n.op_type == "Conv" for a in n.attribute if a.name == "group" and a.i > 1]
     assert groups[0] == 8 and len(groups) == 11 and all(g % 16 == 0 for g in groups[1:])   # block 0: no expansion
