@@ -367,10 +367,8 @@ def _reference_part(space: SearchSpace, batch: int) -> Part:
 
 
 # Networks measured side by side in one interleaved run (`_measure_networks`): all of them are open
-# at once, `NETWORK_SESSIONS` sessions each, so memory grows with the group: an ONNX Runtime
-# session of a V3-Large-space network at 224x224 holds about 73 MB (LiteRT 22 MB), so 24 networks
-# hold about 5 GB.
-NETWORK_GROUP = 24
+# at once, so memory grows with the group.
+NETWORK_GROUP = 48
 # Sessions of the reference network that end-to-end measurements take turns with, one per round. Two
 # sessions of one network run at speeds a few percent apart, for as long as they live (on ONNX
 # Runtime, one of four sessions of a V3-Large-space network 2.5% slower than the others, in two
@@ -379,12 +377,6 @@ NETWORK_GROUP = 24
 # alike against its calibration's: 40 networks on ONNX Runtime came out 3.4% above their
 # predictions on average, two of them past +10%. Taking turns averages the luck of several sessions.
 REFERENCE_SESSIONS = 3
-# Sessions of each measured network, taken in turns the same way. A network's own session draws its
-# speed too: on LiteRT a network that is 88% one 7x7 block at 112x112 measured 71.1, 69.2 and 64.2 ms
-# (in the table's units) in three runs, each with a new session, so that no prediction held it
-# within ±10% every time. The median over rounds that rotate three sessions is the network's time,
-# not one session's.
-NETWORK_SESSIONS = 3
 
 
 class _Rotation:
@@ -411,8 +403,7 @@ def _measure_networks(specs: list[ArchSpec], runtime: Runtime, threads: int, bat
     `NETWORK_GROUP`) are opened first, then timed round-robin, each burst followed by one of the
     space's reference network (`interleaved_ratios`): every network's samples span the whole run, so
     no network carries the state of the one minute it happened to be timed in (on this VM a
-    network's ratio to another moves by up to ±7% between one-minute windows). Each network, like
-    the reference, is `NETWORK_SESSIONS` sessions taking turns round by round. The reference
+    network's ratio to another moves by up to ±7% between one-minute windows). The reference
     network's latency in table units, `reference_ms` unless given, comes from the table's reference
     part timed in the same rounds. Returns (latencies, reference_ms)."""
     from tqdm import tqdm
@@ -432,23 +423,17 @@ def _measure_networks(specs: list[ArchSpec], runtime: Runtime, threads: int, bat
     part_ratios: list[float] = []
     for start in range(0, len(specs), NETWORK_GROUP):
         group = specs[start:start + NETWORK_GROUP]
-        sessions = [_Rotation([runtime.session(spec, threads=threads, batch=batch, num_classes=space.num_classes)
-                               for _ in range(NETWORK_SESSIONS)])
+        sessions = [runtime.session(spec, threads=threads, batch=batch, num_classes=space.num_classes)
                     for spec in tqdm(group, desc=f"{desc}: open", unit="net", disable=not progress,
                                      file=sys.stderr)]
         fns = sessions + ([part_session] if part_session else [])
-
-        def next_round(_: int, rotations: tuple[_Rotation, ...] = (reference, *sessions)) -> None:
-            bar.update()
-            for rotation in rotations:
-                rotation.advance()
-
         with tqdm(total=rounds, desc=f"{desc}: time {len(group)} networks", unit="round",
                   disable=not progress, file=sys.stderr) as bar:
-            got = interleaved_ratios(fns, reference, rounds, 3, burst_ms=BURST_MS, on_round=next_round)
+            got = interleaved_ratios(fns, reference, rounds, 3, burst_ms=BURST_MS,
+                                     on_round=lambda r: (bar.update(), reference.advance()))
         ratios += got[:len(group)]
         part_ratios += got[len(group):][0] if part_session else []
-        del sessions, fns, next_round       # every session of the group closed before the next opens
+        del sessions, fns
     if reference_ms is None:
         reference_ms = entries[part.key].median_ms / float(np.median(part_ratios))
     return [float(np.median(r)) * reference_ms for r in ratios], reference_ms
