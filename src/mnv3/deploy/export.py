@@ -587,9 +587,10 @@ def _fold_pads_once(proto) -> int:
         if amounts is None:
             continue
         mode = next((a.s for a in pad.attribute if a.name == "mode"), b"constant")
-        fill = constant(pad.input[2]) if len(pad.input) > 2 and pad.input[2] else None
+        fill_name = pad.input[2] if len(pad.input) > 2 else ""
+        fill = constant(fill_name) if fill_name else None
         users = readers.get(pad.output[0], [])
-        if mode != b"constant" or (len(pad.input) > 2 and pad.input[2] and (fill is None or fill.any())) \
+        if mode != b"constant" or (fill_name and (fill is None or fill.any())) \
                 or len(users) != 1 or users[0].op_type != "Conv" or users[0].input[0] != pad.output[0]:
             continue
         amounts = amounts.astype(int).tolist()
