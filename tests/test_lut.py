@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -119,13 +120,36 @@ def test_build_lookup_resume_and_predict(tmp_path, capsys):
     assert predictor.sum_of_parts(spec) == pytest.approx(total)
     cal = predictor.calibration
     parts = len(spec.blocks) + 2
-    if "a_heavy" in cal:        # the heavy entries' sum and the rest's, each with its coefficient
+    if cal["model"] == "per-stage sums+b":      # one coefficient per stage's sum, and the constant
+        stage = {"ends": 0.0, "s2": 0.0, "s4": 0.0, "s8": 0.0, "s16": 0.0}
+        for i, p in enumerate(network_parts(spec)):
+            level = 0 if i in (0, parts - 1) else min(16, 2 ** round(math.log2(spec.resolution / p.input_shape[-1])))
+            stage[f"s{level}" if level else "ends"] += stored[p.key].median_ms
+        assert predictor.predict(spec) == pytest.approx(sum(cal["coef"][t] * v for t, v in stage.items())
+                                                        + cal["coef"]["one"])
+    elif "a_heavy" in cal:        # the heavy entries' sum and the rest's, each with its coefficient
         heavy = sum(stored[p.key].median_ms for p in network_parts(spec) if stored[p.key].median_ms >= cal["heavy_ms"])
         assert predictor.predict(spec) == pytest.approx(cal["a_heavy"] * heavy + cal["a"] * (total - heavy) + cal["b"])
     else:
         assert predictor.predict(spec) == pytest.approx(cal["a"] * total + cal.get("c", 0.0) * parts + cal["b"])
-    assert cal["heavy_ms"] > 0 and all("heavy_sum_ms" in n for n in cal["networks"])
+    assert cal["heavy_ms"] > 0 and all("heavy_sum_ms" in n and "stage_ms" in n for n in cal["networks"])
     assert predictor.predict(spec) > 0
+
+    # End-to-end measurements come out in table units through the calibration's networks, timed
+    # again beside them: were those networks stored at twice their latency, everything measured
+    # reads about twice as slow; a calibration without them converts through its reference_ms.
+    from mnv3.latency.lut import measure_in_table_units
+
+    others = [space.sample(random.Random(s)) for s in (5, 6)]
+    before = measure_in_table_units(others, space, runtime, table)
+    doubled = {**cal, "networks": [{**n, "measured_ms": 2 * n["measured_ms"]} for n in cal["networks"]]}
+    table.set_calibration(first["env"], space.key(), doubled)
+    after = measure_in_table_units(others, space, runtime, table)
+    assert all(1.5 < a / b < 2.6 for a, b in zip(after, before))
+    table.set_calibration(first["env"], space.key(), {**doubled, "networks": []})
+    alone = measure_in_table_units(others, space, runtime, table)
+    assert all(0.6 < a / b < 1.6 for a, b in zip(alone, before))
+    table.set_calibration(first["env"], space.key(), cal)
 
     # A calibration timed with the old protocol (bursts of 3 runs, no burst_ms stored): the predictor
     # says so and names the command; that build calibrates anew and re-measures no entry.
@@ -143,6 +167,12 @@ def test_build_lookup_resume_and_predict(tmp_path, capsys):
         blocks=(mnv3.BlockSpec(7, 64, 16, None, "hswish", 2),) + space.seed.blocks[1:])
     with pytest.raises(LatencyError, match="not in the table"):
         predictor.predict(outside)
+    # the search's latency source measures such a network instead, once: asked again, the same figure
+    from mnv3.search.latency import PredictedLatency
+
+    source = PredictedLatency(space, runtime, table.url)
+    timed = source.ms(outside)
+    assert not source.covers(outside) and timed > 0 and source.ms(outside) == timed
     with pytest.raises(LatencyError, match=r"has no torch table \(it holds onnxruntime tables\); build one first"):
         Predictor(space, get_runtime("torch"), table)
 
@@ -192,6 +222,18 @@ def test_fit_calibration_picks_the_model_the_data_supports():
     assert (fit["a_heavy"], fit["a"], fit["b"]) == pytest.approx((0.85, 1.05, 1.0), rel=0.05)
     assert fit_calibration(sums, counts, timed)["model"] != "a_h*heavy+a*rest+b"
     assert "a_heavy" not in fit_calibration(sums, counts, 0.9 * sums * noise, heavy)    # proportional: a*sum
+    # each stage's blocks at their own speed in a network: one coefficient a stage, offered only when
+    # the stage sums are given
+    terms = ("ends", "s2", "s4", "s8", "s16")
+    shares = rng.dirichlet(np.ones(5), 30)
+    stages = [dict(zip(terms, total * share)) for total, share in zip(sums, shares)]
+    slopes = dict(zip(terms, (1.0, 0.7, 0.9, 1.1, 1.3)))
+    timed = np.array([sum(slopes[t] * s[t] for t in terms) + 2.0 for s in stages]) * (1 + rng.normal(0, 0.002, 30))
+    fit = fit_calibration(sums, counts, timed, heavy, stages)
+    assert fit["model"] == "per-stage sums+b"
+    assert [fit["coef"][t] for t in (*terms, "one")] == pytest.approx([*slopes.values(), 2.0], rel=0.05)
+    assert fit_calibration(sums, counts, timed, heavy)["model"] != "per-stage sums+b"
+    assert fit_calibration(sums, counts, 0.9 * sums * noise, heavy, stages)["model"] == "a*sum"
 
 
 def test_bad_database_urls(tmp_path):

@@ -101,7 +101,7 @@ def cmd_lut_space(args: argparse.Namespace) -> int:
 
 def cmd_lut_build(args: argparse.Namespace) -> int:
     from mnv3.latency import LatencyError, check_threads, get_runtime
-    from mnv3.latency.lut import build_table
+    from mnv3.latency.lut import build_table, calibration_formula
     from mnv3.latency.table import LatencyTable
 
     runtime = get_runtime(args.runtime)
@@ -115,9 +115,7 @@ def cmd_lut_build(args: argparse.Namespace) -> int:
     cal = summary["calibration"]
     print(f"table {table.url}: {summary['entries']} entries ({summary['measured']} measured now, "
           f"{summary['heavy']} heavy ones in twice the passes); "
-          + (f"calibration measured = {cal['a_heavy']:.3f} x heavy entries + {cal['a']:.3f} x the rest + "
-             f"{cal['b']:.3f} ms " if "a_heavy" in cal else
-             f"calibration measured = {cal['a']:.3f} x sum + {cal.get('c', 0.0):.3f} x parts + {cal['b']:.3f} ms ")
+          + f"calibration measured = {calibration_formula(cal)} "
           + f"({cal.get('model', 'a*sum+c*parts+b')} on {cal['n']} networks"
           + (f", leave-one-out MAPE {cal['loo_mape']:.1%})" if cal.get("loo_mape") is not None else ")"))
     if args.json:

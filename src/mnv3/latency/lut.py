@@ -18,6 +18,7 @@ space, networks round-robin (`build_table`, `_measure_networks`).
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import sys
 from collections.abc import Callable
@@ -341,17 +342,41 @@ def _sum_of_parts(spec: ArchSpec, entries: dict[str, Timing], batch: int, num_cl
     return sum(_split_sum(spec, entries, batch, num_classes, float("inf")))
 
 
-def _split_sum(spec: ArchSpec, entries: dict[str, Timing], batch: int, num_classes: int,
-               heavy_ms: float) -> tuple[float, float]:
-    """The network's sum of parts as (the entries of heavy_ms or more, the others)."""
-    keys = [p.key for p in network_parts(spec, batch, num_classes)]
-    missing = [k for k in keys if k not in entries]
+def _entries_of(spec: ArchSpec, entries: dict[str, Timing], batch: int, num_classes: int
+                ) -> list[tuple[Part, float]]:
+    """The network's parts in order, each with its entry's median."""
+    parts = network_parts(spec, batch, num_classes)
+    missing = [p.key for p in parts if p.key not in entries]
     if missing:
         raise LatencyError(f"{len(missing)} part(s) of {spec.name} are not in the table, e.g. {missing[0]}; "
                            "build the table for the space this network comes from (mnv3 lut build)")
-    ms = [entries[k].median_ms for k in keys]
+    return [(p, entries[p.key].median_ms) for p in parts]
+
+
+def _split_sum(spec: ArchSpec, entries: dict[str, Timing], batch: int, num_classes: int,
+               heavy_ms: float) -> tuple[float, float]:
+    """The network's sum of parts as (the entries of heavy_ms or more, the others)."""
+    ms = [m for _, m in _entries_of(spec, entries, batch, num_classes)]
     heavy = sum(m for m in ms if m >= heavy_ms)
     return heavy, sum(ms) - heavy
+
+
+# The terms of the per-stage calibration model: the stem and head together ("ends"), and the blocks
+# by the stride of their input from the image (2: the stem's output, 4, 8, and 16 with all beyond).
+STAGE_TERMS = ("ends", "s2", "s4", "s8", "s16")
+
+
+def _stage_sums(spec: ArchSpec, entries: dict[str, Timing], batch: int, num_classes: int) -> dict[str, float]:
+    """The network's sum of parts split by `STAGE_TERMS`."""
+    got = _entries_of(spec, entries, batch, num_classes)
+    sums = dict.fromkeys(STAGE_TERMS, 0.0)
+    for i, (part, ms) in enumerate(got):
+        if i in (0, len(got) - 1):
+            sums["ends"] += ms
+            continue
+        stride = spec.resolution / part.input_shape[-1]
+        sums[f"s{2 ** min(4, max(1, round(math.log2(stride))))}"] += ms
+    return sums
 
 
 def _reference_network(space: SearchSpace) -> ArchSpec:
@@ -403,18 +428,25 @@ class _Rotation:
 
 def _measure_networks(specs: list[ArchSpec], runtime: Runtime, threads: int, batch: int, runs: int,
                       progress: bool, desc: str, space: SearchSpace, entries: dict[str, Timing],
-                      reference_ms: float | None = None) -> tuple[list[float], float]:
+                      reference_ms: float | None = None,
+                      anchor: tuple[list[ArchSpec], list[float]] | None = None) -> tuple[list[float], float]:
     """End-to-end latency of each network in the table's units. All networks (in groups of
     `NETWORK_GROUP`) are opened first, then timed round-robin, each burst followed by one of the
     space's reference network (`interleaved_ratios`): every network's samples span the whole run, so
     no network carries the state of the one minute it happened to be timed in (on this VM a
     network's ratio to another moves by up to ±7% between one-minute windows). The reference
     network's latency in table units, `reference_ms` unless given, comes from the table's reference
-    part timed in the same rounds. Returns (latencies, reference_ms)."""
+    part timed in the same rounds.
+
+    `anchor` (the calibration's networks and their latencies in table units, `_anchor`) are timed
+    in every group too, and the group's reference latency is the median of what they give (each
+    anchor's stored latency over its ratio to the reference network now), `reference_ms` unused:
+    the reference network alone carries its sessions' luck and its own drift into every network of
+    the run. Returns (latencies, reference_ms)."""
     from tqdm import tqdm
 
     part = _reference_part(space, batch)
-    if reference_ms is None and part.key not in entries:
+    if reference_ms is None and anchor is None and part.key not in entries:
         raise LatencyError(f"the table has no entry for its reference part {part.key}; "
                            "run mnv3 lut build for this space first")
     # Twice the protocol's runs: a whole network's ratio to the reference is the ground truth of the
@@ -423,11 +455,13 @@ def _measure_networks(specs: list[ArchSpec], runtime: Runtime, threads: int, bat
     rounds = -(-2 * runs // 3)
     reference = _Rotation([runtime.session(_reference_network(space), threads=threads, batch=batch)
                            for _ in range(REFERENCE_SESSIONS)])
-    part_session = _sessions(runtime, [part], threads)[0] if reference_ms is None else None
-    ratios: list[list[float]] = []
+    anchors, anchor_ms = anchor or ([], [])
+    part_session = _sessions(runtime, [part], threads)[0] if reference_ms is None and not anchors else None
+    step = max(NETWORK_GROUP - len(anchors), NETWORK_GROUP // 2)
+    groups: list[tuple[list[float], float | None]] = []      # (ratios, the group's reference_ms)
     part_ratios: list[float] = []
-    for start in range(0, len(specs), NETWORK_GROUP):
-        group = specs[start:start + NETWORK_GROUP]
+    for start in range(0, len(specs), step):
+        group = anchors + specs[start:start + step]
         sessions = [runtime.session(spec, threads=threads, batch=batch, num_classes=space.num_classes)
                     for spec in tqdm(group, desc=f"{desc}: open", unit="net", disable=not progress,
                                      file=sys.stderr)]
@@ -436,36 +470,63 @@ def _measure_networks(specs: list[ArchSpec], runtime: Runtime, threads: int, bat
                   disable=not progress, file=sys.stderr) as bar:
             got = interleaved_ratios(fns, reference, rounds, 3, burst_ms=BURST_MS,
                                      on_round=lambda r: (bar.update(), reference.advance()))
-        ratios += got[:len(group)]
+        ratios = [float(np.median(r)) for r in got[:len(group)]]
+        scale = float(np.median([m / r for m, r in zip(anchor_ms, ratios)])) if anchors else None
+        groups.append((ratios[len(anchors):], scale))
         part_ratios += got[len(group):][0] if part_session else []
         del sessions, fns
-    if reference_ms is None:
+    if anchors:
+        reference_ms = float(np.median([scale for _, scale in groups]))
+    elif reference_ms is None:
         reference_ms = entries[part.key].median_ms / float(np.median(part_ratios))
-    return [float(np.median(r)) * reference_ms for r in ratios], reference_ms
+    return [r * (scale or reference_ms) for ratios, scale in groups for r in ratios], reference_ms
+
+
+def _anchor(space: SearchSpace, calibration: dict, entries: dict[str, Timing], batch: int
+            ) -> tuple[list[ArchSpec], list[float]] | None:
+    """The calibration's networks (drawn again from its seed) and their measured latencies, or None
+    for a calibration that did not store them or whose networks the space no longer draws."""
+    stored = calibration.get("networks") or []
+    if "seed" not in calibration or len(stored) != calibration.get("n") or len(stored) < 3:
+        return None
+    rng = random.Random(calibration["seed"])
+    specs = [space.sample(rng) for _ in stored]
+    try:
+        same = all(abs(_sum_of_parts(s, entries, batch, space.num_classes) - n["sum_ms"]) <= 1e-6 * n["sum_ms"]
+                   for s, n in zip(specs, stored))
+    except LatencyError:
+        return None
+    return (specs, [n["measured_ms"] for n in stored]) if same else None
 
 
 def measure_in_table_units(specs: list[ArchSpec], space: SearchSpace, runtime: Runtime, table: LatencyTable, *,
                            threads: int = 1, batch: int = 1, runs: int = MIN_RUNS,
-                           progress: bool = False) -> list[float]:
+                           progress: bool = False, anchor: bool = True) -> list[float]:
     """End-to-end latencies of any networks at the space's resolution (a search's best networks,
     a reference such as MobileNetV3-Small 0.75) in the units of the space's table, so that they
     compare with its predictions however the machine's speed has moved since the table was built:
-    timed round-robin against the space's reference network, as calibration and validation are."""
+    timed round-robin against the space's reference network beside the calibration's networks (the
+    anchor, `_measure_networks`), as validation is. `anchor=False` leaves those out (a calibration
+    made minutes ago, in the same run: no drift to correct, and each anchored measurement costs
+    their time too)."""
     env = _environment_key(runtime, threads, batch, space)
     entries = table.get(env)
     calibration = table.calibration(env, space.key()) or {}
     timed, _ = _measure_networks(specs, runtime, threads, batch, runs, progress, "measure", space, entries,
-                                 calibration.get("reference_ms"))
+                                 calibration.get("reference_ms"),
+                                 _anchor(space, calibration, entries, batch) if anchor else None)
     return timed
 
 
-# Calibration models, simplest first: measured = a * sum_of_parts [+ c * number_of_parts] [+ b], or
-# with the heavy entries' sum and the rest's apart: a_h * heavy + a * rest + b.
+# Calibration models, simplest first: measured = a * sum_of_parts [+ c * number_of_parts] [+ b]; or
+# with the heavy entries' sum and the rest's apart: a_h * heavy + a * rest + b; or one coefficient per
+# stage (`STAGE_TERMS`) and b.
+STAGE_MODEL = "per-stage sums+b"
 CALIBRATION_MODELS = {"a*sum": ("sum",), "a*sum+b": ("sum", "one"), "a*sum+c*parts+b": ("sum", "parts", "one"),
-                      "a_h*heavy+a*rest+b": ("heavy", "rest", "one")}
+                      "a_h*heavy+a*rest+b": ("heavy", "rest", "one"), STAGE_MODEL: (*STAGE_TERMS, "one")}
 
 
-def fit_calibration(sums, counts, measured, heavy=None) -> dict:
+def fit_calibration(sums, counts, measured, heavy=None, stages=None) -> dict:
     """Fit each calibration model by least squares on relative error (weights 1/measured: the goal
     is a share of networks within ±10%, so a 10 ms network counts as much as a 100 ms one), score it
     by leave-one-out MAPE over the calibration networks, and keep the best (the simpler one on a
@@ -479,12 +540,21 @@ def fit_calibration(sums, counts, measured, heavy=None) -> dict:
     sum against the largest entry's share: correlation -0.76, 64 networks on an AMX Xeon), and
     one slope cannot serve both the networks that are mostly one block and those that are not.
     There it scored 2.0% leave-one-out on 24 networks against a*sum+b's 2.7%; on ONNX Runtime it
-    tied (2.4%), and the simpler model stays."""
+    tied (2.4%), and the simpler model stays.
+
+    `stages` (each network's `_stage_sums`) offers the fifth, one coefficient per stage: a block
+    runs faster inside a network than alone by how much of its input and weights the previous block
+    left in the caches, which depends on the feature map's size. On the 64 networks of the AMX Xeon
+    (24 calibration + 40 validation), fitted on 24 random ones and tested on the other 40, 300
+    times: all 40 within ±10% in 42% of the draws on LiteRT (a*sum+b 15%, heavy/rest 15%) and 71%
+    on ONNX Runtime (a*sum+b 38%)."""
     sums, counts, measured = (np.asarray(v, dtype=float) for v in (sums, counts, measured))
     columns = {"sum": sums, "parts": counts, "one": np.ones_like(sums)}
     if heavy is not None:
         columns["heavy"] = np.asarray(heavy, dtype=float)
         columns["rest"] = sums - columns["heavy"]
+    if stages is not None:
+        columns.update({t: np.array([s[t] for s in stages], dtype=float) for t in STAGE_TERMS})
     weights = 1.0 / measured
 
     def solve(names, rows):
@@ -497,18 +567,27 @@ def fit_calibration(sums, counts, measured, heavy=None) -> dict:
     n, best = len(sums), None
     everyone = np.arange(n)
     for model, names in CALIBRATION_MODELS.items():
-        if n < len(names) + 2 or ("parts" in names and np.ptp(counts) == 0) or any(c not in columns for c in names) \
-                or ("heavy" in names and (np.ptp(columns["heavy"]) == 0 or np.ptp(columns["rest"]) == 0)):
-            continue        # too few networks to score it, every network the same in a term, or no heavy sums
+        if n < len(names) + 2 or any(c not in columns or (c != "one" and np.ptp(columns[c]) == 0) for c in names):
+            continue        # too few networks to score it, no such sums given, or every network the same in a term
         loo = [abs(predict(names, solve(names, everyone[everyone != i]), i) / measured[i] - 1) for i in everyone]
         score = float(np.mean(loo))
         if best is None or score < best[0] - 1e-9:
             best = (score, model, names)
     score, model, names = best if best else (None, "a*sum", CALIBRATION_MODELS["a*sum"])
-    coef = dict(zip(names, solve(names, everyone)))
-    return {"model": model, "a": float(coef.get("sum", coef.get("rest", 0.0))), "b": float(coef.get("one", 0.0)),
-            "c": float(coef.get("parts", 0.0)), **({"a_heavy": float(coef["heavy"])} if "heavy" in coef else {}),
-            "loo_mape": score}
+    coef = {c: float(k) for c, k in zip(names, solve(names, everyone))}
+    return {"model": model, "a": coef.get("sum", coef.get("rest", 0.0)), "b": coef.get("one", 0.0),
+            "c": coef.get("parts", 0.0), **({"a_heavy": coef["heavy"]} if "heavy" in coef else {}),
+            "coef": coef, "loo_mape": score}
+
+
+def calibration_formula(cal: dict) -> str:
+    """The fitted model in words, e.g. "0.940 x sum + 1.880 ms"."""
+    if cal.get("model") == STAGE_MODEL:
+        names = {"ends": "stem and head", "s2": "blocks at 1/2", "s4": "at 1/4", "s8": "at 1/8", "s16": "beyond"}
+        return " + ".join(f"{cal['coef'][t]:.3f} x {names[t]}" for t in STAGE_TERMS) + f" + {cal['coef']['one']:.3f} ms"
+    if "a_heavy" in cal:
+        return f"{cal['a_heavy']:.3f} x heavy entries + {cal['a']:.3f} x the rest + {cal['b']:.3f} ms"
+    return f"{cal['a']:.3f} x sum + {cal.get('c', 0.0):.3f} x parts + {cal['b']:.3f} ms"
 
 
 def calibrate(space: SearchSpace, runtime: Runtime, table: LatencyTable, *, threads: int = 1,
@@ -520,8 +599,9 @@ def calibrate(space: SearchSpace, runtime: Runtime, table: LatencyTable, *, thre
     all, which the part count and the constant can absorb. The networks are timed against the
     space's reference network, and that network against the table's reference part, so they come
     out in the table's units; the reference network's latency in those units (`reference_ms`) is
-    stored too, and validation later expresses its measurements in it: the machine's drift between
-    table, calibration and validation cancels."""
+    stored too. Validation (and a search's final measurement) times these networks again beside its
+    own and expresses its measurements through them: the machine's drift between table, calibration
+    and validation cancels."""
     env = _environment_key(runtime, threads, batch, space)
     entries = table.get(env)
     rng = random.Random(seed)
@@ -529,14 +609,16 @@ def calibrate(space: SearchSpace, runtime: Runtime, table: LatencyTable, *, thre
     heavy_ms = heavy_threshold(space, entries, batch)
     split = [_split_sum(s, entries, batch, space.num_classes, heavy_ms) for s in specs]
     sums, heavy = [h + r for h, r in split], [h for h, _ in split]
+    stages = [_stage_sums(s, entries, batch, space.num_classes) for s in specs]
     counts = [len(s.blocks) + 2 for s in specs]
     measured, reference_ms = _measure_networks(specs, runtime, threads, batch, runs, progress, "calibrate", space,
                                                entries)
-    data = {**fit_calibration(sums, counts, measured, heavy), "n": n, "seed": seed, "reference_ms": reference_ms,
+    data = {**fit_calibration(sums, counts, measured, heavy, stages), "n": n, "seed": seed,
+            "reference_ms": reference_ms,
             "heavy_ms": heavy_ms,       # the heavy entries' threshold, fixed with the fit
             "burst_ms": BURST_MS,    # the protocol it was timed with (before: bursts of 3 runs)
-            "networks": [{"sum_ms": s, "heavy_sum_ms": h, "parts": c, "measured_ms": m}
-                         for s, h, c, m in zip(sums, heavy, counts, measured)],
+            "networks": [{"sum_ms": s, "heavy_sum_ms": h, "stage_ms": st, "parts": c, "measured_ms": m}
+                         for s, h, st, c, m in zip(sums, heavy, stages, counts, measured)],
             "space": space.to_dict()}        # so that a request for another space can be told what differs
     table.set_calibration(env, space.key(), data)
     return data
@@ -662,6 +744,9 @@ class Predictor:
 
     def predict(self, spec: ArchSpec) -> float:
         cal = self.calibration
+        if cal.get("model") == STAGE_MODEL:
+            sums = _stage_sums(spec, self.entries, self.batch, self.num_classes)
+            return sum(k * sums.get(term, 1.0) for term, k in cal["coef"].items())     # "one": the constant
         if "a_heavy" in cal:
             heavy, rest = _split_sum(spec, self.entries, self.batch, self.num_classes, cal["heavy_ms"])
             return cal["a_heavy"] * heavy + cal["a"] * rest + cal["b"]
@@ -683,7 +768,8 @@ def validate(space: SearchSpace, runtime: Runtime, table: LatencyTable, *, n: in
     specs = [space.sample(rng) for _ in range(n)]
     predicted = np.array([predictor.predict(s) for s in specs])
     timed, _ = _measure_networks(specs, runtime, threads, batch, runs, progress, "validate", space,
-                                 predictor.entries, predictor.calibration.get("reference_ms"))
+                                 predictor.entries, predictor.calibration.get("reference_ms"),
+                                 _anchor(space, predictor.calibration, predictor.entries, batch))
     measured = np.array(timed)
     err = (predicted - measured) / measured
     stats = {"n": n, "mape": float(np.mean(np.abs(err))), "rmse_ms": float(np.sqrt(np.mean((predicted - measured) ** 2))),

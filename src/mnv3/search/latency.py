@@ -23,7 +23,9 @@ class PredictedLatency:
     db: str
     threads: int = 1
     name: str = "predicted"
+    anchor: bool = True     # measurements timed beside the calibration's networks (False: calibrated just now)
     _predictor: object = field(default=None, repr=False)
+    _measured: dict = field(default_factory=dict, repr=False)      # networks outside the space, by spec
 
     def __post_init__(self) -> None:
         from mnv3.latency.lut import Predictor
@@ -40,20 +42,29 @@ class PredictedLatency:
     def ms(self, spec: ArchSpec) -> float:
         if self.covers(spec):
             return float(self._predictor.predict(spec))
-        return self.measure([spec])[0]
+        self.prefetch([spec])
+        return self._measured[spec.to_json(None)]
+
+    def prefetch(self, specs: list[ArchSpec]) -> None:
+        """Measure, in one run, those of `specs` outside the space that are not measured yet, so
+        that `ms` of each is at hand (each run times the calibration's networks beside its own)."""
+        todo = {spec.to_json(None): spec for spec in specs if not self.covers(spec)}
+        todo = [spec for key, spec in todo.items() if key not in self._measured]
+        if todo:
+            self._measured.update((spec.to_json(None), ms) for spec, ms in zip(todo, self.measure(todo)))
 
     def measure(self, specs: list[ArchSpec], progress: bool = False) -> list[float]:
         """End-to-end latencies in the table's units (timed against the table's reference part)."""
         from mnv3.latency.lut import measure_in_table_units
 
         return measure_in_table_units(specs, self.space, self.runtime, self.table, threads=self.threads,
-                                      progress=progress)
+                                      progress=progress, anchor=self.anchor)
 
     def describe(self) -> dict:
         return {"latency": self.name, "runtime": self.runtime.name, "db": self.table.url,
                 "threads": self.threads, "num_classes": self.space.num_classes,
                 "calibration": {k: v for k, v in self._predictor.calibration.items()
-                                if k in ("model", "a", "b", "c", "loo_mape", "n")}}
+                                if k in ("model", "a", "b", "c", "coef", "loo_mape", "n")}}
 
 
 @dataclass
@@ -72,6 +83,9 @@ class MeasuredLatency:
 
     def session(self, spec: ArchSpec):
         return self.runtime.session(spec, threads=self.threads, num_classes=self.num_classes)
+
+    def prefetch(self, specs: list[ArchSpec]) -> None:
+        """Nothing to do ahead: every network is timed when asked for."""
 
     def measure(self, specs: list[ArchSpec], progress: bool = False) -> list[float]:
         """Several networks timed round-robin in one run (ratios to the first hold under load)."""
@@ -110,5 +124,6 @@ def open_latency(kind: str, space: SearchSpace, runtime: str, *, db: str, thread
               flush=True)
         build_table(space, rt, LatencyTable(db), threads=threads, progress=progress,
                     log=lambda s: print(s, flush=True))
-        source = PredictedLatency(space, rt, db, threads)
+        # calibrated minutes ago in this run: its networks need no timing again beside every measurement
+        source = PredictedLatency(space, rt, db, threads, anchor=False)
     return source

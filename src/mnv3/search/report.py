@@ -18,6 +18,8 @@ def reference_results(search, references: list[tuple[str, ArchSpec]]) -> list[di
     """Each reference network's proxy accuracy (trained like a candidate, once: kept in the study)
     and latency from the same source."""
     out = []
+    search.latency.prefetch([spec for _, spec in references
+                             if f"reference:{search.genomes.spec_key(spec)}" not in search.study.user_attrs])
     for label, spec in references:
         key = f"reference:{search.genomes.spec_key(spec)}"
         known = search.study.user_attrs.get(key)
