@@ -13,6 +13,7 @@ Every stage writes its results under bench/results/search_cifar10/ and is skippe
 (the search continues its study), so a stopped run resumes.
 
     python bench/search_cifar10.py [--search-minutes 60] [--seeds 2] [--final-epochs 4]
+                                   [--train-only found x0.5 ...]
 """
 
 from __future__ import annotations
@@ -242,6 +243,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2,
                         help="intra-op threads of the proxy and final trainings (default 2; 1 leaves a core free)")
     parser.add_argument("--tag", default="", help="suffix of the search folder and the results CSV (e.g. _rerank)")
+    parser.add_argument("--train-only", nargs="+", choices=["found", "x0.5", "x0.75", "x1.0"],
+                        help="train only these networks' final trainings and stop (so that two processes of "
+                             "--threads 1 share them; a run without it then measures and prints)")
     parser.add_argument("--skip-strategies", action="store_true")
     parser.add_argument("--only-strategies", action="store_true", help="just the strategies side by side")
     args = parser.parse_args()
@@ -268,6 +272,13 @@ def main() -> None:
     # The found network's trainings are kept under what it is (the search's key of a network): a
     # later search that finds another network must not reuse them.
     labels = {"found": f"found-{GenomeSpace.spec_key(found)}", **{n: n.replace(" ", "_") for n in nets if n != "found"}}
+    if args.train_only:
+        for name in args.train_only:
+            key = name if name == "found" else f"small {name}"
+            for seed in range(args.seeds):
+                train_final(nets[key], labels[key], seed, args)
+        log(f"trained {', '.join(args.train_only)}; run again without --train-only to measure and compare")
+        return
     results = {name: [train_final(spec, labels[name], seed, args) for seed in range(args.seeds)]
                for name, spec in nets.items()}
     log("measuring every network side by side")
@@ -291,7 +302,9 @@ def main() -> None:
     verdict = "above" if gain > spread else "not above"
     print(f"found network: {mine['top1_mean']:.4f} at {mine['measured_ms']:.3f} ms; the width-scaled curve gives "
           f"{expected:.4f} there: {gain:+.4f} ({verdict} the curve by more than the seeds' spread {spread:.4f})")
-    write_csv(f"search_cifar10_c10_e{args.final_epochs}{args.tag}.csv", rows + [{"network": "curve at found", "measured_ms": mine["measured_ms"],
+    # named by the final recipe as well (runs before 2026-12-05 left it out of the name)
+    recipe = f"_n{args.final_subset}" if args.final_subset else "_all"
+    write_csv(f"search_cifar10_c10_e{args.final_epochs}{args.tag}{recipe}.csv", rows + [{"network": "curve at found", "measured_ms": mine["measured_ms"],
                                               "top1_mean": round(expected, 4)}])
     if not args.skip_strategies:
         print_strategies(args)
