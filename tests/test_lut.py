@@ -149,6 +149,7 @@ def test_build_lookup_resume_and_predict(tmp_path, capsys):
     table.set_calibration(first["env"], space.key(), {**doubled, "networks": []})
     alone = measure_in_table_units(others, space, runtime, table)
     assert all(0.6 < a / b < 1.6 for a, b in zip(alone, before))
+    assert measure_in_table_units([], space, runtime, table) == []      # nothing to time: nothing timed
     table.set_calibration(first["env"], space.key(), cal)
 
     # A calibration timed with the old protocol (bursts of 3 runs, no burst_ms stored): the predictor

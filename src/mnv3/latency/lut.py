@@ -445,6 +445,8 @@ def _measure_networks(specs: list[ArchSpec], runtime: Runtime, threads: int, bat
     the run. Returns (latencies, reference_ms)."""
     from tqdm import tqdm
 
+    if not specs and reference_ms is not None:
+        return [], reference_ms         # nothing to time (and no anchor's time to spend on it)
     part = _reference_part(space, batch)
     if reference_ms is None and anchor is None and part.key not in entries:
         raise LatencyError(f"the table has no entry for its reference part {part.key}; "
