@@ -263,6 +263,8 @@ def test_search_measure_end_to_end_then_train_the_winner(space_file, tmp_path, c
     for name in ("best.json", "trials.csv", "pareto.png", "progress.png", "summary.json", "space.json"):
         assert (out / name).is_file(), name
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    trial = out / "trials" / "00000"         # a proxy training's folder: metrics, and curves drawn at its end
+    assert (trial / "curves.png").read_bytes()[:4] == b"\x89PNG" and (trial / "metrics.csv").is_file()
     with open(out / "trials.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 4 and {"trial", "genome", "spec_key", "accuracy", "predicted_ms", "measured_ms", "reward",

@@ -148,7 +148,7 @@ def identity(model: MobileNet, data: ClassificationData) -> dict[str, Any]:
 def train(data: str | ClassificationData, out: str | Path, *, arch: str | ArchSpec | None = None,
           weights: str | None = None, recipe: Recipe | None = None, resume: bool = False,
           total_stride: int | None = None, workers: int = 0, checkpoint_steps: int = 500, eval_every: int = 1,
-          strict: bool = False, progress: bool = True, tensorboard: bool = True,
+          strict: bool = False, progress: bool = True, tensorboard: bool = True, curves: str = "epoch",
           device: str = "auto") -> TrainResult:
     """Train a classifier and write the run folder `out` (recipe, metrics, curves, checkpoint,
     model file). Under torchrun every process calls this; process 0 writes the files."""
@@ -192,7 +192,7 @@ def train(data: str | ClassificationData, out: str | Path, *, arch: str | ArchSp
             save(module, path, meta)
 
         options = RunOptions(out, resume=resume, workers=workers, checkpoint_steps=checkpoint_steps, eval_every=eval_every,
-                             strict=strict, progress=progress, tensorboard=tensorboard)
+                             strict=strict, progress=progress, tensorboard=tensorboard, curves=curves)
         trainer = Trainer(model, data_set, recipe, options, ClassificationTask(recipe.label_smoothing),
                           d, pre, identity(model, data_set), save_model)
         return trainer.fit()
@@ -203,7 +203,7 @@ def train(data: str | ClassificationData, out: str | Path, *, arch: str | ArchSp
 def train_logged(data: str | ClassificationData, out: str | Path, **kw: Any) -> TrainResult:
     """`train` into a fresh `out` (what an interrupted run left there is cleared first), with the
     engine's lines kept in `out/train.log` instead of the terminal: one short run among many (a
-    search trial, a NetAdapt proposal)."""
+    search trial, a NetAdapt proposal). Its curves.png is drawn once, after the last epoch."""
     import contextlib
     import io
     import shutil
@@ -214,7 +214,7 @@ def train_logged(data: str | ClassificationData, out: str | Path, **kw: Any) -> 
     log = io.StringIO()
     try:
         with contextlib.redirect_stderr(log), contextlib.redirect_stdout(log):
-            return train(data, out, **kw)
+            return train(data, out, **{"curves": "end", **kw})
     finally:
         if out.is_dir():
             (out / "train.log").write_text(log.getvalue())

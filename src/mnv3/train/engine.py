@@ -80,6 +80,7 @@ class RunOptions:
     tensorboard: bool = True
     model_file: str = "model.safetensors"   # the name `save_model` writes in the run folder
     eval_every: int = 1              # validate after every N-th epoch (and the first and last); others: NaN
+    curves: str = "epoch"            # curves.png after every epoch, or "end": after the last one only
 
 
 @dataclass
@@ -490,7 +491,8 @@ class Trainer:
     def _log_epoch(self, row: dict[str, Any]) -> None:
         history = self.state["history"]
         atomic_write_csv(self.out / "metrics.csv", history)
-        write_curves(history, self.out / "curves.png")
+        if self.opts.curves != "end" or row["epoch"] >= row["epochs"]:
+            write_curves(history, self.out / "curves.png")
         writer = self._tensorboard()
         if writer is not None:
             for key, value in row.items():
