@@ -6,10 +6,12 @@ and the predicted-vs-measured scatter plot beside it (.png).
 
     python bench/lut_accuracy.py [--runtimes onnxruntime litert] [--space mobilenet_v3_large]
                                  [--calibrate 24] [--n 40] [--db sqlite:///lut-accuracy.sqlite]
-                                 [--seed 7] [--keep-calibration] [--tag _rerun]
+                                 [--seed 7] [--passes 1] [--keep-calibration] [--tag _rerun]
 
 `--keep-calibration` validates against the calibration the table holds (the same networks timed
-anew: how far one run's readings move from another's); `--tag` names the CSV and PNG apart.
+anew: how far one run's readings move from another's); `--passes N` times the validation networks
+in N whole runs, one after another, and compares each network's median reading (the table's entries
+are timed in passes for the same reason); `--tag` names the CSV and PNG apart.
 
 Run it on a quiet machine: every other process on the cores moves the numbers.
 """
@@ -37,6 +39,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--db", default="sqlite:///lut-accuracy.sqlite")
     parser.add_argument("--seed", type=int, default=7, help="which random networks are validated (default 7)")
+    parser.add_argument("--passes", type=int, default=1,
+                        help="whole runs over the validation networks, each network's median compared (default 1)")
     parser.add_argument("--keep-calibration", action="store_true",
                         help="validate against the table's calibration instead of calibrating afresh")
     parser.add_argument("--tag", default="", help="suffix of the CSV and PNG names")
@@ -55,13 +59,16 @@ def main() -> None:
         if summary["measured"] == 0 and not args.keep_calibration:   # the table was complete: calibrate afresh
             summary["calibration"] = calibrate(space, runtime, table, threads=threads, n=args.calibrate)
         built = time.perf_counter() - start
-        stats, points = validate(space, runtime, table, n=args.n, threads=threads, seed=args.seed)
+        stats, points = validate(space, runtime, table, n=args.n, threads=threads, seed=args.seed,
+                                 passes=args.passes)
         cal = summary["calibration"]
         worst = max(points, key=lambda p: abs(p[1] / p[2] - 1))
         line = (f"{runtime.name}: {summary['entries']} entries ({summary['measured']} measured now, "
                 + (f"the calibration on {cal['n']} networks kept); " if args.keep_calibration and not summary["measured"]
                    else f"{built / 60:.1f} min with calibration on {cal['n']} networks); ")
-                + f"{stats['n']} other networks (seed {args.seed}): "
+                + f"{stats['n']} other networks (seed {args.seed}"
+                + (f", medians of {args.passes} runs; a reading moved sd {stats['pass_sd']:.1%} about its median"
+                   if args.passes > 1 else "") + "): "
                 f"MAPE {stats['mape']:.1%}, RMSE {stats['rmse_ms']:.2f} ms, within ±5% {stats['within_5']:.1%}, "
                 f"within ±10% {round(stats['within_10'] * stats['n'])}/{stats['n']} = {stats['within_10']:.1%} "
                 f"(goal 98%); worst {worst[1]:.2f} ms predicted against {worst[2]:.2f} measured")

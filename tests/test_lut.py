@@ -306,14 +306,20 @@ def test_lut_build_killed_then_resumed(tmp_path, capsys):
 
     assert main(["lut", "validate", "--runtime", "onnxruntime", "--space", str(space_file),
                  "--db", f"sqlite:///{db}", "--n", "3", "--plot", str(tmp_path / "v.png"),
-                 "--no-progress", "--json", "--seed", "5"]) == 0
-    stats = json.loads(capsys.readouterr().out)
+                 "--no-progress", "--json", "--seed", "5", "--passes", "2"]) == 0
+    out, err = capsys.readouterr()
+    stats = json.loads(out.splitlines()[-1])
     assert set(stats) >= {"mape", "within_10", "within_5", "n"} and stats["n"] == 3
+    # two whole runs, each network's median compared; how far a reading moved between them, said
+    assert stats["passes"] == 2 and 0 <= stats["pass_sd"] < 0.5 and "medians of 2 runs" in out + err
     assert 0 <= stats["within_5"] <= stats["within_10"] <= 1
     assert (tmp_path / "v.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["lut", "validate", "--runtime", "onnxruntime", "--space", str(space_file),
                  "--db", f"sqlite:///{db}", "--n", "3", "--seed", "1234", "--no-progress"]) == 2
     assert "calibration's own networks" in capsys.readouterr().err
+    assert main(["lut", "validate", "--runtime", "onnxruntime", "--space", str(space_file),
+                 "--db", f"sqlite:///{db}", "--n", "3", "--passes", "0", "--no-progress"]) == 2
+    assert "--passes: need 1 or more whole runs, got 0" in capsys.readouterr().err
 
     # Validating what was not built names the table that was, and the flag that differs.
     def refused(*flags: str) -> str:

@@ -54,6 +54,10 @@ def register(sub) -> None:
                        help="scatter plot file (default lut-validate-RUNTIME.png, or -2, -3, ... when taken)")
             q.add_argument("--seed", type=int, default=7,
                            help="which random networks (default 7; the calibration's are seed 1234)")
+            q.add_argument("--passes", type=int, default=1, metavar="N",
+                           help="time all the networks N times, one whole run after another, and compare "
+                                "each one's median reading (default 1); prints how far readings move "
+                                "between runs on this machine")
 
 
 _CHOICES = (("kernels", int, "kernel sizes"), ("expansion_ratios", float, "expansion ratios"),
@@ -135,12 +139,14 @@ def cmd_lut_validate(args: argparse.Namespace) -> int:
     table = LatencyTable(args.db)
     try:
         stats, points = validate(space, runtime, table, n=args.n, threads=threads, seed=args.seed,
-                                 progress=not args.no_progress)
+                                 passes=args.passes, progress=not args.no_progress)
     except MissingTable as e:            # the build command it suggests, with this --space
         raise LatencyError(e.describe(args.space)) from None
     print(f"{stats['n']} random networks of {space.key()} on {runtime.name}: MAPE {stats['mape']:.1%}, "
           f"RMSE {stats['rmse_ms']:.3f} ms, within ±5% {stats['within_5']:.0%}, within ±10% "
-          f"{round(stats['within_10'] * stats['n'])}/{stats['n']} ({stats['within_10']:.1%})")
+          f"{round(stats['within_10'] * stats['n'])}/{stats['n']} ({stats['within_10']:.1%})"
+          + (f"; medians of {stats['passes']} runs, a reading moved sd {stats['pass_sd']:.1%} about its median"
+             if stats["passes"] > 1 else ""))
     plot = args.plot or unused_path(f"lut-validate-{runtime.name}.png")
     scatter_plot(points, plot, f"{space.key()} on {runtime.name}\n{stats['within_10']:.1%} within ±10%, "
                                f"MAPE {stats['mape']:.1%}")
