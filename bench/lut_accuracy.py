@@ -24,7 +24,7 @@ import time
 from common import RESULTS, write_csv
 
 from mnv3.latency import check_threads, get_runtime
-from mnv3.latency.lut import build_table, calibrate, scatter_plot, validate
+from mnv3.latency.lut import build_table, calibrate, passes_note, scatter_plot, validate
 from mnv3.latency.table import LatencyTable
 from mnv3.space import SearchSpace
 
@@ -67,8 +67,7 @@ def main() -> None:
                 + (f"the calibration on {cal['n']} networks kept); " if args.keep_calibration and not summary["measured"]
                    else f"{built / 60:.1f} min with calibration on {cal['n']} networks); ")
                 + f"{stats['n']} other networks (seed {args.seed}"
-                + (f", medians of {args.passes} runs; a reading moved sd {stats['pass_sd']:.1%} about its median"
-                   if args.passes > 1 else "") + "): "
+                + (f", {passes_note(stats)}" if passes_note(stats) else "") + "): "
                 f"MAPE {stats['mape']:.1%}, RMSE {stats['rmse_ms']:.2f} ms, within ±5% {stats['within_5']:.1%}, "
                 f"within ±10% {round(stats['within_10'] * stats['n'])}/{stats['n']} = {stats['within_10']:.1%} "
                 f"(goal 98%); worst {worst[1]:.2f} ms predicted against {worst[2]:.2f} measured")

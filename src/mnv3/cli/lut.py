@@ -130,7 +130,7 @@ def cmd_lut_build(args: argparse.Namespace) -> int:
 def cmd_lut_validate(args: argparse.Namespace) -> int:
     from mnv3.files import unused_path
     from mnv3.latency import LatencyError, check_threads, get_runtime
-    from mnv3.latency.lut import MissingTable, scatter_plot, validate
+    from mnv3.latency.lut import MissingTable, passes_note, scatter_plot, validate
     from mnv3.latency.table import LatencyTable
 
     runtime = get_runtime(args.runtime)
@@ -145,8 +145,7 @@ def cmd_lut_validate(args: argparse.Namespace) -> int:
     print(f"{stats['n']} random networks of {space.key()} on {runtime.name}: MAPE {stats['mape']:.1%}, "
           f"RMSE {stats['rmse_ms']:.3f} ms, within ±5% {stats['within_5']:.0%}, within ±10% "
           f"{round(stats['within_10'] * stats['n'])}/{stats['n']} ({stats['within_10']:.1%})"
-          + (f"; medians of {stats['passes']} runs, a reading moved sd {stats['pass_sd']:.1%} about its median"
-             if stats["passes"] > 1 else ""))
+          + (f"; {passes_note(stats)}" if passes_note(stats) else ""))
     plot = args.plot or unused_path(f"lut-validate-{runtime.name}.png")
     scatter_plot(points, plot, f"{space.key()} on {runtime.name}\n{stats['within_10']:.1%} within ±10%, "
                                f"MAPE {stats['mape']:.1%}")
