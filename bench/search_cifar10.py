@@ -218,6 +218,36 @@ def plot_strategies(curves: dict[str, list[list[float]]], path: Path, tag: str) 
     fig.savefig(path, dpi=100)
 
 
+def plot_final(rows: list[dict], expected: float, spread: float, path: Path, title: str) -> None:
+    """Test top-1 against measured latency: the presets joined as the width-scaled curve, the found
+    network on its own, each point's bar from its worst seed to its best, and the curve's value at
+    the found network's latency."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    presets = sorted((r for r in rows if r["network"] != "found"), key=lambda r: r["measured_ms"])
+    mine = next(r for r in rows if r["network"] == "found")
+    for group, style, colour in ((presets, "o-", "tab:gray"), ([mine], "*", "tab:red")):
+        ax.errorbar([r["measured_ms"] for r in group], [r["top1_mean"] for r in group],
+                    yerr=[[r["top1_mean"] - r["top1_min"] for r in group], [r["top1_max"] - r["top1_mean"] for r in group]],
+                    fmt=style, color=colour, capsize=4, ms=12 if style == "*" else 6,
+                    label="width-scaled presets (mean, seeds' min to max)" if colour == "tab:gray"
+                    else "found network (mean, seeds' min to max)")
+    for r in presets:
+        ax.annotate(r["network"].replace("small ", ""), (r["measured_ms"], r["top1_mean"]),
+                    textcoords="offset points", xytext=(6, -12))
+    ax.plot([mine["measured_ms"]], [expected], "x", color="black", ms=9,
+            label=f"curve at the found network's latency ({mine['top1_mean'] - expected:+.4f}; spread {spread:.4f})")
+    ax.set(xlabel="measured latency (ms, 1 thread)", ylabel="test top-1", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--search-minutes", type=float, default=60, help="budget of the search (default 60)")
@@ -304,8 +334,13 @@ def main() -> None:
           f"{expected:.4f} there: {gain:+.4f} ({verdict} the curve by more than the seeds' spread {spread:.4f})")
     # named by the final recipe as well (runs before 2026-12-05 left it out of the name)
     recipe = f"_n{args.final_subset}" if args.final_subset else "_all"
-    write_csv(f"search_cifar10_c10_e{args.final_epochs}{args.tag}{recipe}.csv", rows + [{"network": "curve at found", "measured_ms": mine["measured_ms"],
-                                              "top1_mean": round(expected, 4)}])
+    name = f"search_cifar10_c10_e{args.final_epochs}{args.tag}{recipe}"
+    write_csv(f"{name}.csv", rows + [{"network": "curve at found", "measured_ms": mine["measured_ms"],
+                                      "top1_mean": round(expected, 4)}])
+    plot_final(rows, expected, spread, RESULTS / f"{name}.png",
+               f"CIFAR-10, {args.final_epochs} epochs on " + (f"{args.final_subset:,} images" if args.final_subset
+                                                                else "all training images")
+               + f", {args.seeds} seeds; {RUNTIME}")
     if not args.skip_strategies:
         print_strategies(args)
 
