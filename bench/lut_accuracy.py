@@ -5,8 +5,8 @@ within ±10%), and writes one row per validated network to bench/results/lut_acc
 and the predicted-vs-measured scatter plot beside it (.png).
 
     python bench/lut_accuracy.py [--runtimes onnxruntime litert] [--space mobilenet_v3_large]
-                                 [--calibrate 24] [--n 40] [--db sqlite:///lut-accuracy.sqlite]
-                                 [--seed 7] [--passes 1] [--keep-calibration] [--tag _rerun]
+                                 [--calibrate 48] [--n 40] [--db sqlite:///lut-accuracy.sqlite]
+                                 [--seed 7] [--passes 3] [--keep-calibration] [--tag _rerun]
 
 `--keep-calibration` validates against the calibration the table holds (the same networks timed
 anew: how far one run's readings move from another's); `--passes N` times the validation networks
@@ -34,13 +34,14 @@ def main() -> None:
     parser.add_argument("--runtimes", nargs="+", default=["onnxruntime"])
     parser.add_argument("--space", default="mobilenet_v3_large", help="seed preset of the space")
     parser.add_argument("--resolution", type=int, default=224)
-    parser.add_argument("--calibrate", type=int, default=24, help="networks measured to fit the calibration")
+    parser.add_argument("--calibrate", type=int, default=48,
+                        help="networks measured to fit the calibration (default 48; `mnv3 lut build` calibrates on 12)")
     parser.add_argument("--n", type=int, default=40, help="other networks measured to validate")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--db", default="sqlite:///lut-accuracy.sqlite")
     parser.add_argument("--seed", type=int, default=7, help="which random networks are validated (default 7)")
-    parser.add_argument("--passes", type=int, default=1,
-                        help="whole runs over the validation networks, each network's median compared (default 1)")
+    parser.add_argument("--passes", type=int, default=3,
+                        help="whole runs over the validation networks, each network's median compared (default 3)")
     parser.add_argument("--keep-calibration", action="store_true",
                         help="validate against the table's calibration instead of calibrating afresh")
     parser.add_argument("--tag", default="", help="suffix of the CSV and PNG names")
