@@ -230,12 +230,11 @@ def plot_final(rows: list[dict], expected: float, spread: float, path: Path, tit
     fig, ax = plt.subplots(figsize=(7, 4.5))
     presets = sorted((r for r in rows if r["network"] != "found"), key=lambda r: r["measured_ms"])
     mine = next(r for r in rows if r["network"] == "found")
-    for group, style, colour in ((presets, "o-", "tab:gray"), ([mine], "*", "tab:red")):
+    for group, style, colour, size, label in ((presets, "o-", "tab:gray", 6, "width-scaled presets"),
+                                              ([mine], "*", "tab:red", 12, "found network")):
         ax.errorbar([r["measured_ms"] for r in group], [r["top1_mean"] for r in group],
                     yerr=[[r["top1_mean"] - r["top1_min"] for r in group], [r["top1_max"] - r["top1_mean"] for r in group]],
-                    fmt=style, color=colour, capsize=4, ms=12 if style == "*" else 6,
-                    label="width-scaled presets (mean, seeds' min to max)" if colour == "tab:gray"
-                    else "found network (mean, seeds' min to max)")
+                    fmt=style, color=colour, capsize=4, ms=size, label=f"{label} (mean, seeds' min to max)")
     for r in presets:
         ax.annotate(r["network"].replace("small ", ""), (r["measured_ms"], r["top1_mean"]),
                     textcoords="offset points", xytext=(6, -12))
