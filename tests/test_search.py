@@ -393,6 +393,37 @@ def test_search_resumes_after_sigkill(space_file, tmp_path):
     assert [json.loads(v) for (v,) in retried] == killed                    # ... and its genome run again
 
 
+def test_workers_opening_a_new_postgresql_database_together_all_get_the_storage(pg_server, monkeypatch):
+    """Workers started at the same moment on an empty database race to create Optuna's tables
+    (CI saw one fail with "relation 'studies' already exists"; threads here hit the duplicate
+    catalogue key). The advisory lock alone must serialise them: the retry is switched off."""
+    import threading
+
+    from mnv3.search import run
+
+    assert run._create_race(ValueError('relation "studies" already exists'))   # the error CI saw is retried
+    monkeypatch.setattr(run, "_create_race", lambda exc: False)
+    n = 6
+
+    def worker(url, barrier, storages, errors):
+        barrier.wait()
+        try:
+            storages.append(run.open_storage(url))
+        except Exception as exc:  # noqa: BLE001 - collected and shown below
+            errors.append(str(exc))
+
+    for _ in range(2):
+        url, barrier, storages, errors = pg_server.url(pg_server.new_database()), threading.Barrier(n), [], []
+        threads = [threading.Thread(target=worker, args=(url, barrier, storages, errors)) for _ in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        optuna.create_study(storage=storages[0], study_name="one")
+        assert all([s.study_name for s in optuna.get_all_study_summaries(st)] == ["one"] for st in storages)
+
+
 def test_two_workers_share_a_postgresql_study(space_file, tmp_path, pg_url):
     """Two `mnv3 search` processes on one study: one is killed mid-trial; the other finishes every
     requested trial, the killed trial is marked failed by the heartbeat and its network run again,
@@ -419,13 +450,14 @@ def test_two_workers_share_a_postgresql_study(space_file, tmp_path, pg_url):
     a = worker("a")
     b = worker("bb")
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline:           # kill worker a while both train a trial
-            now = states()
-            if sum(s == "COMPLETE" for _, s in now) >= 1 and sum(s == "RUNNING" for _, s in now) >= 2:
+        deadline, ready = time.time() + 300, False
+        while time.time() < deadline and a.poll() is None and b.poll() is None:   # a dead worker ends the wait
+            now = states()      # kill worker a while both train a trial
+            ready = sum(s == "COMPLETE" for _, s in now) >= 1 and sum(s == "RUNNING" for _, s in now) >= 2
+            if ready:
                 break
             time.sleep(0.2)
-        else:
+        if not ready:
             for proc in (a, b):
                 proc.kill()
             pytest.fail("the two workers never trained at the same time: "

@@ -53,6 +53,50 @@ def stored_target(storage, study: str) -> float | None:
         return None
 
 
+# SQLSTATEs of two workers creating Optuna's tables at once: duplicate table, duplicate object,
+# unique violation (PostgreSQL's catalogue rows for a type or an index made twice).
+_CREATE_RACE = {"42P07", "42710", "23505"}
+
+
+def _create_race(exc: BaseException) -> bool:
+    orig = getattr(exc, "orig", None)
+    code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    text = str(orig or exc)
+    return code in _CREATE_RACE or "already exists" in text or "duplicate key" in text
+
+
+def _creation_lock(url: str):
+    """On PostgreSQL, a session advisory lock held while one worker creates (or finds) Optuna's
+    tables, so that workers started together on a new database do not race to create them; a
+    no-op context elsewhere. Failing to take it is not fatal: the retry below still applies."""
+    import contextlib
+
+    if not url.startswith("postgresql"):
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def locked():
+        import sqlalchemy as sa
+
+        engine = None
+        try:
+            engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+            conn = engine.connect()
+        except Exception:  # noqa: BLE001 - a bad URL is reported by RDBStorage below, with the fix
+            if engine is not None:
+                engine.dispose()
+            yield
+            return
+        try:
+            conn.execute(sa.text("SELECT pg_advisory_lock(hashtext('mnv3.search: create tables'))"))
+            yield
+        finally:
+            conn.close()                    # a session lock ends with its session
+            engine.dispose()
+
+    return locked()
+
+
 def open_storage(url: str, heartbeat: int | None = 10, grace: int | None = 30):
     """Optuna's RDB storage with heartbeats: a trial whose worker died (SIGKILL) is marked failed
     after `grace` seconds without a heartbeat, and put back in the queue once (its genome is
@@ -63,20 +107,24 @@ def open_storage(url: str, heartbeat: int | None = 10, grace: int | None = 30):
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     warnings.filterwarnings("ignore", category=ExperimentalWarning)    # heartbeats: experimental since 2.x
-    # Workers started together on a new PostgreSQL database race to create Optuna's tables (one
-    # fails with a duplicate pg_type key); the next attempt finds them made.
-    for attempt in range(3):
+    # Workers started together on a new database race to create Optuna's tables (one fails with
+    # "relation already exists" or a duplicate catalogue key). On PostgreSQL an advisory lock
+    # serialises the creation; elsewhere, or if the lock could not be taken, the next attempt
+    # finds the tables made.
+    attempts = 5
+    for attempt in range(attempts):
         try:
-            return RDBStorage(url, heartbeat_interval=heartbeat, grace_period=grace,
-                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
-                              engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
+            with _creation_lock(url):
+                return RDBStorage(url, heartbeat_interval=heartbeat, grace_period=grace,
+                                  heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
+                                  engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
         except Exception as exc:  # noqa: BLE001 - SQLAlchemy and drivers raise many kinds for a bad URL
             first = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:300]
             if url.startswith("sqlite"):
                 raise SearchError(f"--storage {url}: cannot open or create the SQLite file ({first}); "
                                   "choose another --storage or --out") from None
-            if attempt < 2 and "duplicate key" in first:
-                time.sleep(1.0)
+            if attempt < attempts - 1 and _create_race(exc):
+                time.sleep(0.5 * (attempt + 1))
                 continue
             raise SearchError(f"--storage {url}: cannot connect ({first}); check the URL and that the server "
                               "runs and accepts this user") from None
