@@ -68,7 +68,7 @@ def main() -> None:
                 + (f"the calibration on {cal['n']} networks kept); " if args.keep_calibration and not summary["measured"]
                    else f"{built / 60:.1f} min with calibration on {cal['n']} networks); ")
                 + f"{stats['n']} other networks (seed {args.seed}"
-                + (f", {passes_note(stats)}" if passes_note(stats) else "") + "): "
+                + passes_note(stats, ", ") + "): "
                 f"MAPE {stats['mape']:.1%}, RMSE {stats['rmse_ms']:.2f} ms, within ±5% {stats['within_5']:.1%}, "
                 f"within ±10% {round(stats['within_10'] * stats['n'])}/{stats['n']} = {stats['within_10']:.1%} "
                 f"(goal 98%); worst {worst[1]:.2f} ms predicted against {worst[2]:.2f} measured")

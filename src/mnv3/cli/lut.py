@@ -145,7 +145,7 @@ def cmd_lut_validate(args: argparse.Namespace) -> int:
     print(f"{stats['n']} random networks of {space.key()} on {runtime.name}: MAPE {stats['mape']:.1%}, "
           f"RMSE {stats['rmse_ms']:.3f} ms, within ±5% {stats['within_5']:.0%}, within ±10% "
           f"{round(stats['within_10'] * stats['n'])}/{stats['n']} ({stats['within_10']:.1%})"
-          + (f"; {passes_note(stats)}" if passes_note(stats) else ""))
+          + passes_note(stats, "; "))
     plot = args.plot or unused_path(f"lut-validate-{runtime.name}.png")
     scatter_plot(points, plot, f"{space.key()} on {runtime.name}\n{stats['within_10']:.1%} within ±10%, "
                                f"MAPE {stats['mape']:.1%}")

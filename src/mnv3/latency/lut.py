@@ -792,11 +792,11 @@ def validate(space: SearchSpace, runtime: Runtime, table: LatencyTable, *, n: in
     return stats, list(zip(names, predicted.tolist(), measured.tolist()))
 
 
-def passes_note(stats: dict) -> str:
-    """What a validation of several passes adds to its line ("" for one pass)."""
+def passes_note(stats: dict, sep: str = "") -> str:
+    """What a validation of several passes adds to its line, after `sep` ("" for one pass)."""
     if stats.get("passes", 1) < 2:
         return ""
-    return f"medians of {stats['passes']} runs, a reading moved sd {stats['pass_sd']:.1%} about its median"
+    return f"{sep}medians of {stats['passes']} runs, a reading moved sd {stats['pass_sd']:.1%} about its median"
 
 
 def scatter_plot(points: list[tuple[str, float, float]], path, title: str) -> None:
