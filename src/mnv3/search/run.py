@@ -78,21 +78,22 @@ def _creation_lock(url: str):
     def locked():
         import sqlalchemy as sa
 
-        engine = None
+        engine = conn = None
         try:
             engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
             conn = engine.connect()
-        except Exception:  # noqa: BLE001 - a bad URL is reported by RDBStorage below, with the fix
-            if engine is not None:
-                engine.dispose()
-            yield
-            return
-        try:
             conn.execute(sa.text("SELECT pg_advisory_lock(hashtext('mnv3.search: create tables'))"))
+        except Exception:  # noqa: BLE001 - unlocked then; a bad URL is reported by RDBStorage, with the fix
+            if conn is not None:
+                conn.close()
+            conn = None
+        try:
             yield
         finally:
-            conn.close()                    # a session lock ends with its session
-            engine.dispose()
+            if conn is not None:
+                conn.close()                # a session lock ends with its session
+            if engine is not None:
+                engine.dispose()
 
     return locked()
 
