@@ -8,6 +8,7 @@ workers) is the only state: a resumed or added worker reads everything from it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -65,37 +66,32 @@ def _create_race(exc: BaseException) -> bool:
     return code in _CREATE_RACE or "already exists" in text or "duplicate key" in text
 
 
+@contextlib.contextmanager
 def _creation_lock(url: str):
     """On PostgreSQL, a session advisory lock held while one worker creates (or finds) Optuna's
-    tables, so that workers started together on a new database do not race to create them; a
-    no-op context elsewhere. Failing to take it is not fatal: the retry below still applies."""
-    import contextlib
-
+    tables, so that workers started together on a new database do not race to create them; no
+    lock elsewhere. Failing to take it is not fatal: the retry in `open_storage` still applies."""
     if not url.startswith("postgresql"):
-        return contextlib.nullcontext()
+        yield
+        return
+    import sqlalchemy as sa
 
-    @contextlib.contextmanager
-    def locked():
-        import sqlalchemy as sa
-
-        engine = conn = None
-        try:
-            engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
-            conn = engine.connect()
-            conn.execute(sa.text("SELECT pg_advisory_lock(hashtext('mnv3.search: create tables'))"))
-        except Exception:  # noqa: BLE001 - unlocked then; a bad URL is reported by RDBStorage, with the fix
-            if conn is not None:
-                conn.close()
-            conn = None
-        try:
-            yield
-        finally:
-            if conn is not None:
-                conn.close()                # a session lock ends with its session
-            if engine is not None:
-                engine.dispose()
-
-    return locked()
+    engine = conn = None
+    try:
+        engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+        conn = engine.connect()
+        conn.execute(sa.text("SELECT pg_advisory_lock(hashtext('mnv3.search: create tables'))"))
+    except Exception:  # noqa: BLE001 - unlocked then; a bad URL is reported by RDBStorage, with the fix
+        if conn is not None:
+            conn.close()
+        conn = None
+    try:
+        yield
+    finally:
+        if conn is not None:
+            conn.close()                    # a session lock ends with its session
+        if engine is not None:
+            engine.dispose()
 
 
 def open_storage(url: str, heartbeat: int | None = 10, grace: int | None = 30):
